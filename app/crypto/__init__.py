@@ -1,0 +1,1 @@
+"""All cryptography lives here: streaming AEAD, keys, wrapping. Nothing else imports it."""

@@ -1,0 +1,1 @@
+"""HTTP only: parse requests, call services, shape responses. One module per transaction."""

@@ -1,0 +1,11 @@
+"""The one place that assembles every router."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.routers import health, qido, stow, wado
+
+api_router = APIRouter()
+for module in (health, stow, wado, qido):
+    api_router.include_router(module.router)

@@ -1,0 +1,39 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.deps import ServicesDep
+from app.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="The store and the index are usable",
+    responses={503: {"description": "The store or the index is not usable"}},
+)
+async def readyz(services: ServicesDep) -> dict[str, str]:
+    await services.store.check()
+    await services.index.check()
+    return {"status": "ready"}
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}}},
+)
+async def metrics(services: ServicesDep) -> Response:
+    stats = await services.index.stats()
+    services.metrics.instances.set(stats.instances)
+    services.metrics.bytes.set(stats.bytes)
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,119 @@
+"""STOW-RS routes (PS3.18 §10.5)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from app.deps import BaseUrlDep, ServicesDep, TrustDep
+from app.dicom.media import DICOM, DICOM_JSON, MULTIPART_RELATED, parse_media_type
+from app.dicom.uids import validate_uid
+from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.routers.responses import json_response
+from app.services.stow import StoreResult
+from app.services.streams import limit_stream
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/dicomweb", tags=["STOW-RS"])
+
+_BODY = {
+    "required": True,
+    "content": {
+        'multipart/related; type="application/dicom"': {
+            "schema": {"type": "string", "format": "binary"}
+        },
+        DICOM: {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "All instances stored", "content": {DICOM_JSON: {}}},
+    202: {"description": "Some instances stored, some failed", "content": {DICOM_JSON: {}}},
+    400: {"description": "The request could not be parsed"},
+    409: {"description": "No instance was stored", "content": {DICOM_JSON: {}}},
+    413: {"description": "The request exceeds the configured size limit"},
+    415: {"description": "The Content-Type is not a supported DICOM media type"},
+}
+
+
+async def _store(
+    request: Request, services: ServicesDep, trust: str, base_url: str, study: str | None
+) -> Response:
+    if study is not None:
+        validate_uid(study, "Study Instance UID")
+    limit = services.settings.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"the request body of {declared} bytes exceeds {limit} bytes")
+    raw_type = request.headers.get("content-type", "")
+    media = parse_media_type(raw_type)
+    body = limit_stream(request.stream(), limit)
+    if media is not None and media.mime == MULTIPART_RELATED:
+        root = parse_media_type(media.params.get("type", ""))
+        if root is None or root.mime != DICOM:
+            raise UnsupportedMediaType(
+                f"multipart/related type {media.params.get('type')!r} is not supported; "
+                f'send type="{DICOM}"'
+            )
+        boundary = media.params.get("boundary")
+        if not boundary:
+            raise BadRequest("the multipart/related Content-Type has no boundary parameter")
+        result = await services.stow.store_multipart(trust, body, boundary, study)
+    elif media is not None and media.mime == DICOM:
+        result = await services.stow.store_single(trust, body, study)
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {raw_type[:100]!r} is not supported; send "
+            f'multipart/related; type="{DICOM}" or {DICOM}'
+        )
+    return await _answer(request, result, base_url, study)
+
+
+async def _answer(
+    request: Request, result: StoreResult, base_url: str, study: str | None
+) -> Response:
+    headers: dict[str, str] = {}
+    if result.failed:
+        for f in result.failed:
+            log.info("STOW-RS part failed: 0x%04X %s", f.reason, f.detail)
+        # PS3.18 §8.4.3 Warning header: a human-readable reason for each failed part.
+        headers["Warning"] = ", ".join(
+            f'299 iex "{_header_safe(f.detail)}"' for f in result.failed[:20]
+        )
+    return await json_response(
+        request, result.to_dicom_json(base_url, study), result.http_status, headers=headers
+    )
+
+
+@router.post(
+    "/studies",
+    summary="Store instances (STOW-RS)",
+    openapi_extra={"requestBody": _BODY},
+    responses=_RESPONSES,
+    response_class=Response,
+)
+async def store_instances(
+    request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+) -> Response:
+    return await _store(request, services, trust, base_url, None)
+
+
+@router.post(
+    "/studies/{study}",
+    summary="Store instances of one study (STOW-RS)",
+    openapi_extra={"requestBody": _BODY},
+    responses=_RESPONSES,
+    response_class=Response,
+)
+async def store_study_instances(
+    study: str, request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+) -> Response:
+    return await _store(request, services, trust, base_url, study)
+
+
+def _header_safe(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii").replace('"', "'")

@@ -1,0 +1,7 @@
+"""WADO-RS routes (PS3.18 §10.4)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/dicomweb", tags=["WADO-RS"])

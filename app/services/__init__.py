@@ -1,0 +1,1 @@
+"""Orchestrators: combine storage, crypto, transfer and DICOM code. No HTTP here."""

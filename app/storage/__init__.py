@@ -1,0 +1,1 @@
+"""Where instances live: blob stores and the searchable index, behind narrow Protocols."""

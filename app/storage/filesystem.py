@@ -1,0 +1,149 @@
+"""Blobs as files under the data directory.
+
+Layout: ``blobs/ab/cd/<key>`` for committed blobs and ``staging/<key>`` while writing. A blob
+is written to staging, fsynced, then renamed into place (atomic on one filesystem) and the
+directory fsynced, so a crash leaves either nothing or a whole blob, never half of one.
+Keys are random hex chosen here; no client string ever reaches a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO
+
+from app.errors import NotFound, ServiceUnavailable
+
+READ_CHUNK = 1024 * 1024
+_KEY_CHARS = frozenset("0123456789abcdef")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileBlobWriter:
+    def __init__(self, store: FileInstanceStore, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._staged = store.staging_dir / key
+        self._file: IO[bytes] | None = open(self._staged, "xb")  # noqa: SIM115
+        self._size = 0
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def write(self, data: bytes) -> None:
+        assert self._file is not None, "write after finish"
+        # Small writes go to the OS page cache and return at once; a thread hop would cost more.
+        self._file.write(data)
+        self._size += len(data)
+
+    async def finish(self) -> None:
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        await asyncio.to_thread(_flush_and_close, f)
+
+    def open_staged(self) -> IO[bytes]:
+        return open(self._staged, "rb")  # noqa: SIM115
+
+    async def commit(self) -> None:
+        await self.finish()
+        final = self._store.path_for(self._key)
+        await asyncio.to_thread(_publish, self._staged, final)
+
+    async def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._staged.unlink(missing_ok=True)
+
+
+def _flush_and_close(f: IO[bytes]) -> None:
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+        f.close()
+
+
+def _publish(staged: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+
+
+class FileInstanceStore:
+    """``InstanceStore`` on a local filesystem."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs"
+        self.staging_dir = root / "staging"
+        for d in (self.blob_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Staged files left by a crash were never acknowledged to anyone.
+        for leftover in self.staging_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path_for(self, key: str) -> Path:
+        if len(key) != 32 or not _KEY_CHARS.issuperset(key):
+            raise NotFound("no such blob")
+        return self.blob_dir / key[:2] / key[2:4] / key
+
+    async def create(self) -> FileBlobWriter:
+        return FileBlobWriter(self, secrets.token_hex(16))
+
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        path = self.path_for(key)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except FileNotFoundError as exc:
+            raise NotFound("the stored object is missing") from exc
+        try:
+            if start:
+                f.seek(start)
+            remaining = None if end is None else end - start
+            while remaining is None or remaining > 0:
+                want = READ_CHUNK if remaining is None else min(READ_CHUNK, remaining)
+                chunk = await asyncio.to_thread(f.read, want)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        finally:
+            f.close()
+
+    def open_blocking(self, key: str) -> IO[bytes]:
+        try:
+            return open(self.path_for(key), "rb")  # noqa: SIM115
+        except FileNotFoundError as exc:
+            raise NotFound("the stored object is missing") from exc
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.path_for(key).unlink, True)
+
+    async def check(self) -> None:
+        def probe() -> None:
+            probe_path = self.staging_dir / f".probe-{secrets.token_hex(4)}"
+            probe_path.write_bytes(b"ok")
+            probe_path.unlink()
+
+        try:
+            await asyncio.to_thread(probe)
+        except OSError as exc:
+            raise ServiceUnavailable(f"the blob store is not writable: {exc.strerror}") from exc

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import IexServer
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IexServer]:
+    """One gateway shared by the session; tests use fresh UIDs so they do not collide."""
+    srv = IexServer(tmp_path_factory.mktemp("shared") / "data").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., IexServer]]:
+    """Start gateways with their own empty data directory (and optional environment)."""
+    started: list[IexServer] = []
+
+    def start(name: str = "data", **env: str) -> IexServer:
+        srv = IexServer(tmp_path / name, env=env).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def client(server: IexServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.dicomweb, timeout=60) as c:
+        yield c

@@ -1,0 +1,166 @@
+"""Test helpers: a real ``iex serve`` process, generated DICOM objects, multipart bodies."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class IexServer:
+    """An ``iex serve`` subprocess on a loopback port with its own data directory."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return self.url + "/dicomweb"
+
+    def start(self, timeout: float = 30) -> IexServer:
+        self.port = self.port or free_port()
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
+        env = {**os.environ, **self.env}
+        cmd = [
+            sys.executable, "-m", "app.cli", "serve",
+            "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+        ]  # fmt: skip
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"iex serve exited early:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"iex serve did not start within {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(5)
+            self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+def make_instance(
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    patient_name: str = "Doe^Jane",
+    patient_id: str = "PID-1",
+    modality: str = "CT",
+    rows: int = 16,
+    columns: int = 16,
+    frames: int = 1,
+    instance_number: int = 1,
+    study_date: str = "20240102",
+    **attributes: object,
+) -> bytes:
+    """A valid Part 10 object with pixel data, fresh UIDs unless given."""
+    ds = Dataset()
+    ds.SOPClassUID = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyDate = study_date
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = "ACC" + ds.SOPInstanceUID[-6:]
+    ds.ReferringPhysicianName = "Who^Doctor"
+    ds.StudyID = "S1"
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    rng = np.random.default_rng(int(ds.SOPInstanceUID.replace(".", "")[-9:]))
+    pixels = rng.integers(0, 4096, size=(frames, rows, columns), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def multipart_related(
+    parts: Iterable[bytes],
+    boundary: str = "iex-test-boundary",
+    content_type: str = "application/dicom",
+) -> tuple[bytes, str]:
+    """A ``multipart/related`` body and its Content-Type header."""
+    body = io.BytesIO()
+    for part in parts:
+        body.write(f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode())
+        body.write(part)
+        body.write(b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    header = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    return body.getvalue(), header

@@ -1,0 +1,148 @@
+"""STOW-RS against a real server (PS3.18 §10.5)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.helpers import IexServer, make_instance, multipart_related
+
+FAILED_SEQ = "00081198"
+REFERENCED_SEQ = "00081199"
+FAILURE_REASON = "00081197"
+SOP_INSTANCE = "00081155"
+
+
+def _reasons(body: dict[str, Any]) -> list[int]:
+    return [item[FAILURE_REASON]["Value"][0] for item in body.get(FAILED_SEQ, {}).get("Value", [])]
+
+
+def _stored(body: dict[str, Any]) -> list[str]:
+    return [
+        item[SOP_INSTANCE]["Value"][0] for item in body.get(REFERENCED_SEQ, {}).get("Value", [])
+    ]
+
+
+def test_single_application_dicom_is_stored(client: httpx.Client) -> None:
+    data = make_instance()
+    r = client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom+json"
+    body = r.json()
+    assert len(_stored(body)) == 1
+    assert body["00081190"]["Value"][0].endswith("/dicomweb/studies/" + _study_of(body))
+
+
+def _study_of(body: dict[str, Any]) -> str:
+    url: str = body[REFERENCED_SEQ]["Value"][0]["00081190"]["Value"][0]
+    return url.split("/studies/")[1].split("/")[0]
+
+
+def test_multipart_stores_every_part_with_retrieve_urls(client: httpx.Client) -> None:
+    study = generate_uid()
+    parts = [make_instance(study_uid=study, instance_number=i) for i in range(5)]
+    body, ctype = multipart_related(parts)
+    r = client.post(f"/studies/{study}", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert len(_stored(result)) == 5
+    assert result["00081190"]["Value"] == [f"{str(client.base_url).rstrip('/')}/studies/{study}"]
+    for item in result[REFERENCED_SEQ]["Value"]:
+        assert item["00081190"]["Value"][0].startswith(
+            f"{str(client.base_url).rstrip('/')}/studies/{study}/series/"
+        )
+
+
+def test_partial_failure_is_202_and_good_parts_are_kept(client: httpx.Client) -> None:
+    good = make_instance()
+    body, ctype = multipart_related([good, b"this is not DICOM at all"])
+    r = client.post("/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 202, r.text
+    assert _reasons(r.json()) == [0xC000]
+    assert len(_stored(r.json())) == 1
+    assert "Warning" in r.headers
+
+
+def test_total_failure_is_409(client: httpx.Client) -> None:
+    body, ctype = multipart_related([b"junk", make_instance()[:200]])
+    r = client.post("/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 409, r.text
+    assert _reasons(r.json()) == [0xC000, 0xC000]
+    assert REFERENCED_SEQ not in r.json()
+
+
+def test_study_uid_mismatch_fails_that_part(client: httpx.Client) -> None:
+    study = generate_uid()
+    body, ctype = multipart_related([make_instance(study_uid=study), make_instance()])
+    r = client.post(f"/studies/{study}", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 202
+    assert _reasons(r.json()) == [0xA900]
+
+
+def test_same_bytes_twice_is_a_safe_retry(client: httpx.Client) -> None:
+    data = make_instance()
+    for _ in range(2):
+        r = client.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 200, r.text
+
+
+def test_different_object_under_existing_uid_is_refused_and_original_kept(
+    client: httpx.Client,
+) -> None:
+    sop, study, series = generate_uid(), generate_uid(), generate_uid()
+    first = make_instance(sop_uid=sop, study_uid=study, series_uid=series, patient_id="A")
+    second = make_instance(sop_uid=sop, study_uid=study, series_uid=series, patient_id="B")
+    assert first != second
+    r1 = client.post("/studies", content=first, headers={"Content-Type": "application/dicom"})
+    assert r1.status_code == 200
+    r2 = client.post("/studies", content=second, headers={"Content-Type": "application/dicom"})
+    assert r2.status_code == 409
+    assert _reasons(r2.json()) == [0x0111]
+    got = client.get(
+        f"/studies/{study}/series/{series}/instances/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    if got.status_code != 404:  # WADO-RS may not be wired in this build yet
+        assert first in got.content
+
+
+async def test_concurrent_store_of_one_instance_leaves_one_copy(server: IexServer) -> None:
+    data = make_instance()
+    async with httpx.AsyncClient(base_url=server.dicomweb, timeout=60) as ac:
+        before = await _instances_stored(ac, server)
+        responses = await asyncio.gather(
+            *(
+                ac.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+                for _ in range(10)
+            )
+        )
+        assert [r.status_code for r in responses] == [200] * 10
+        after = await _instances_stored(ac, server)
+    assert after - before == 1
+
+
+async def _instances_stored(ac: httpx.AsyncClient, server: IexServer) -> float:
+    r = await ac.get(server.url + "/metrics")
+    for line in r.text.splitlines():
+        if line.startswith("iex_instances_stored "):
+            return float(line.split()[1])
+    raise AssertionError("iex_instances_stored missing from /metrics")
+
+
+@pytest.mark.parametrize(
+    ("ctype", "status"),
+    [
+        ("application/json", 415),
+        ("text/plain", 415),
+        ('multipart/related; type="application/dicom+json"; boundary=x', 415),
+        ('multipart/related; type="application/dicom"', 400),
+    ],
+)
+def test_wrong_media_types(client: httpx.Client, ctype: str, status: int) -> None:
+    r = client.post("/studies", content=b"--x--\r\n", headers={"Content-Type": ctype})
+    assert r.status_code == status
+    assert r.json()["detail"]
