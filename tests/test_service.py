@@ -1,0 +1,99 @@
+"""Operations endpoints, settings from the environment, CORS and compression."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import IexServer, free_port, make_instance
+
+
+def test_health_ready_and_metrics(server: IexServer) -> None:
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
+    httpx.post(
+        server.dicomweb + "/studies",
+        content=make_instance(),
+        headers={"Content-Type": "application/dicom"},
+    ).raise_for_status()
+    text = httpx.get(server.url + "/metrics").text
+    assert 'iex_http_requests_total{method="POST",route="/dicomweb/studies",status="200"}' in text
+    assert 'iex_http_request_duration_seconds_count{method="GET",route="/readyz"}' in text
+    stored = [line for line in text.splitlines() if line.startswith("iex_instances_stored ")]
+    assert stored and float(stored[0].split()[1]) >= 1
+    assert any(line.startswith("iex_bytes_stored ") for line in text.splitlines())
+
+
+def test_readyz_fails_when_the_store_is_unwritable(
+    make_server: Callable[..., IexServer],
+) -> None:
+    srv = make_server()
+    staging = srv.data_dir / "staging"
+    staging.rmdir()
+    staging.write_bytes(b"")  # a file where the staging directory should be
+    try:
+        r = httpx.get(srv.url + "/readyz")
+        assert r.status_code == 503
+        assert "not writable" in r.json()["detail"]
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+    finally:
+        staging.unlink()
+        staging.mkdir()
+
+
+def test_settings_from_environment_and_cors(make_server: Callable[..., IexServer]) -> None:
+    srv = make_server(IEX_CORS_ORIGINS="https://viewer.example")
+    r = httpx.options(
+        srv.dicomweb + "/studies",
+        headers={
+            "Origin": "https://viewer.example",
+            "Access-Control-Request-Method": "GET",
+        },
+    )
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "https://viewer.example"
+    r = httpx.get(srv.url + "/healthz", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_unknown_route_is_a_json_404(server: IexServer) -> None:
+    r = httpx.get(server.url + "/nope")
+    assert r.status_code == 404
+    assert r.json()["detail"]
+
+
+def test_serve_reads_host_port_and_data_dir_from_environment(tmp_path: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "from-env"
+    env = {
+        **os.environ,
+        "IEX_HOST": "127.0.0.1",
+        "IEX_PORT": str(port),
+        "IEX_DATA_DIR": str(data_dir),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(300):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("iex serve did not come up from the environment settings")
+        assert r.status_code == 200
+        assert (data_dir / "index.sqlite3").exists()
+    finally:
+        proc.terminate()
+        proc.wait(15)
