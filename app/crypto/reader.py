@@ -37,8 +37,6 @@ class DecryptingReader(io.RawIOBase):
         self._pos = 0
         self._cached_index = -1
         self._cached = b""
-        # One reused ciphertext buffer: a fresh megabyte per segment costs page faults.
-        self._buffer = bytearray()
         # Opening the final segment up front authenticates the object's length, so a read
         # that stops short of the end still detects truncation or appended bytes.
         self.segment(self.layout.segments - 1)
@@ -77,13 +75,10 @@ class DecryptingReader(io.RawIOBase):
             offset, want = layout.segment_offset(index), layout.segment_ciphertext_size(index)
             if self._map is not None:
                 # Decrypt straight from the page cache: no copy into a read buffer.
-                ciphertext = self._map[offset : offset + want]
+                ciphertext: bytes | memoryview = self._map[offset : offset + want]
             else:
-                if len(self._buffer) < want:
-                    self._buffer = bytearray(want)
-                view = memoryview(self._buffer)[:want]
                 self._raw.seek(offset)
-                ciphertext = view[: self._raw.readinto(view) or 0]
+                ciphertext = self._raw.read(want)
             self._cached = self._opener.open(index, ciphertext)
             self._cached_index = index
         return self._cached
