@@ -123,7 +123,8 @@ class MetadataIndex(Protocol):
     ) -> list[tuple[StoredInstance, bytes]]:
         """Like ``get_instances`` with each instance's stored DICOM JSON."""
 
-    async def search(self, trust: str, query: Query) -> QueryResult: ...
+    async def search(self, trust: str, query: Query) -> QueryResult:
+        """One page of QIDO-RS matches within ``trust``, in a stable order (PS3.18 §10.6)."""
 
     async def stats(self) -> IndexStats: ...
 

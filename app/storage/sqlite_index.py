@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from app.dicom.query import Query, QueryResult
 from app.errors import ServiceUnavailable
 from app.storage.base import AddOutcome, IndexStats, InstanceRecord, StoredInstance
-from app.storage.sqlite_schema import SCHEMA, normalise_name
+from app.storage.sqlite_schema import caseless_name, create_schema, normalise_name
 from app.storage.sqlite_search import run_search
 
 T = TypeVar("T")
@@ -43,6 +43,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.create_function("iex_fold", 1, normalise_name, deterministic=True)
+    conn.create_function("iex_caseless", 1, caseless_name, deterministic=True)
     return conn
 
 
@@ -59,7 +60,7 @@ class SQLiteMetadataIndex:
     async def open(self) -> None:
         def init() -> None:
             self._writer = _connect(self._path)
-            self._writer.executescript(SCHEMA)
+            create_schema(self._writer)
 
         await self._on_writer(init)
 
@@ -138,7 +139,7 @@ class SQLiteMetadataIndex:
         (study_pk,) = conn.execute(
             "SELECT id FROM studies WHERE trust = ? AND study_uid = ?", (record.trust, h.study_uid)
         ).fetchone()
-        conn.execute(
+        added_series = conn.execute(
             "INSERT INTO series (study_pk, trust, series_uid, modality, series_number,"
             " series_description, pps_start_date, pps_start_time, series_json, created_at)"
             " VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -155,7 +156,7 @@ class SQLiteMetadataIndex:
                 h.metadata,
                 now,
             ),
-        )
+        ).rowcount
         (series_pk,) = conn.execute(
             "SELECT id FROM series WHERE study_pk = ? AND series_uid = ?", (study_pk, h.series_uid)
         ).fetchone()
@@ -187,6 +188,16 @@ class SQLiteMetadataIndex:
                 h.metadata,
                 now,
             ),
+        )
+        # Counters for QIDO-RS computed attributes (PS3.4 C.3.4): kept here so that a
+        # search never counts the instances of the studies it returns.
+        conn.execute(
+            "UPDATE series SET num_instances = num_instances + 1 WHERE id = ?", (series_pk,)
+        )
+        conn.execute(
+            "UPDATE studies SET num_instances = num_instances + 1,"
+            " num_series = num_series + ? WHERE id = ?",
+            (1 if added_series else 0, study_pk),
         )
         conn.execute(
             "UPDATE counters SET instances = instances + 1, bytes = bytes + ? WHERE id = 1",

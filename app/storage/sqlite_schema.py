@@ -1,7 +1,13 @@
-"""The SQLite index schema and the name folding used for fuzzy matching."""
+"""The SQLite index schema, its upgrade, and the name folding used for PN matching.
+
+Indexes exist for every QIDO-RS matching key that can narrow a search on its own, and the
+``*_order`` indexes match the result order of each level, so that a page of an unfiltered
+or range search is read in index order without sorting every match (PS3.18 §10.6).
+"""
 
 from __future__ import annotations
 
+import sqlite3
 import unicodedata
 
 SCHEMA = """
@@ -23,9 +29,10 @@ CREATE TABLE IF NOT EXISTS studies (
     study_description TEXT,
     study_json BLOB NOT NULL,
     created_at REAL NOT NULL,
+    num_series INTEGER NOT NULL DEFAULT 0,
+    num_instances INTEGER NOT NULL DEFAULT 0,
     UNIQUE (trust, study_uid)
 );
-CREATE INDEX IF NOT EXISTS studies_date ON studies (trust, study_date);
 CREATE INDEX IF NOT EXISTS studies_patient_id ON studies (trust, patient_id);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies (trust, accession_number);
 CREATE INDEX IF NOT EXISTS studies_name ON studies (trust, patient_name_folded);
@@ -42,6 +49,7 @@ CREATE TABLE IF NOT EXISTS series (
     pps_start_time TEXT,
     series_json BLOB NOT NULL,
     created_at REAL NOT NULL,
+    num_instances INTEGER NOT NULL DEFAULT 0,
     UNIQUE (study_pk, series_uid)
 );
 CREATE INDEX IF NOT EXISTS series_uid ON series (trust, series_uid);
@@ -83,10 +91,50 @@ CREATE TABLE IF NOT EXISTS counters (
 INSERT OR IGNORE INTO counters (id, instances, bytes) VALUES (1, 0, 0);
 """
 
+#: Indexes for QIDO-RS; created after ``upgrade`` so that older databases get them too.
+SEARCH_INDEXES = """
+DROP INDEX IF EXISTS studies_date;
+CREATE INDEX IF NOT EXISTS studies_order ON studies (trust, study_date, study_time);
+CREATE INDEX IF NOT EXISTS studies_study_id ON studies (trust, study_id);
+CREATE INDEX IF NOT EXISTS studies_referring ON studies (trust, referring_physician_folded);
+CREATE INDEX IF NOT EXISTS series_order ON series (trust, study_pk, series_number);
+CREATE INDEX IF NOT EXISTS instances_order ON instances (trust, series_pk, instance_number);
+"""
+
+#: Counters kept per study and series since QIDO-RS, backfilled for older databases.
+_COUNTER_UPGRADE = """
+ALTER TABLE studies ADD COLUMN num_series INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE studies ADD COLUMN num_instances INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE series ADD COLUMN num_instances INTEGER NOT NULL DEFAULT 0;
+UPDATE series SET num_instances = (SELECT COUNT(*) FROM instances WHERE series_pk = series.id);
+UPDATE studies SET
+    num_series = (SELECT COUNT(*) FROM series WHERE study_pk = studies.id),
+    num_instances = (SELECT COUNT(*) FROM instances WHERE study_pk = studies.id);
+"""
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring a database made by an earlier version up to date."""
+    conn.executescript(SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(studies)")}
+    if "num_series" not in columns:
+        conn.executescript("BEGIN IMMEDIATE;" + _COUNTER_UPGRADE + "COMMIT;")
+    conn.executescript(SEARCH_INDEXES)
+
 
 def normalise_name(value: object) -> str | None:
-    """Fold a person name for fuzzy matching: case- and accent-insensitive (PS3.18 §8.3.4.6)."""
+    """Fold a person name for fuzzy matching: case- and accent-insensitive (PS3.18 §8.3.4)."""
     if value is None:
         return None
     text = unicodedata.normalize("NFKD", str(value))
     return "".join(c for c in text if not unicodedata.combining(c)).casefold()
+
+
+def caseless_name(value: object) -> str | None:
+    """Fold case only, keeping accents: literal PN matching (PS3.4 C.2.2.2.1).
+
+    Composed (NFC), so that an accented letter stays one character for a ``?`` wildcard.
+    """
+    if value is None:
+        return None
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", str(value)).casefold())
