@@ -68,6 +68,7 @@ class IexServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        self.kill()
         raise RuntimeError(f"iex serve did not start within {timeout}s:\n{self.log()}")
 
     def stop(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -146,3 +147,37 @@ def test_wrong_media_types(client: httpx.Client, ctype: str, status: int) -> Non
     r = client.post("/studies", content=b"--x--\r\n", headers={"Content-Type": ctype})
     assert r.status_code == status
     assert r.json()["detail"]
+
+
+def test_single_part_with_a_different_study_in_the_url_is_409(client: httpx.Client) -> None:
+    r = client.post(
+        f"/studies/{generate_uid()}",
+        content=make_instance(),
+        headers={"Content-Type": "application/dicom"},
+    )
+    assert r.status_code == 409
+    assert _reasons(r.json()) == [0xA900]
+
+
+def test_streamed_request_is_stored_whole_and_counted(
+    client: httpx.Client, server: IexServer
+) -> None:
+    parts = [make_instance(rows=256, columns=256, instance_number=i) for i in range(40)]
+    body, ctype = multipart_related(parts, boundary="iex_boundary-2+'.x")
+
+    def chunked() -> Iterator[bytes]:  # odd sizes, so delimiters straddle chunks
+        for i in range(0, len(body), 65_537):
+            yield body[i : i + 65_537]
+
+    before = _metric(client, server, "iex_bytes_stored")
+    r = client.post("/studies", content=chunked(), headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    assert len(_stored(r.json())) == len(parts)
+    assert _metric(client, server, "iex_bytes_stored") - before == sum(len(p) for p in parts)
+
+
+def _metric(client: httpx.Client, server: IexServer, name: str) -> float:
+    for line in client.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")

@@ -9,7 +9,7 @@ delimiter) and malformed framing precisely instead of guessing.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from app.errors import BadRequest
@@ -57,28 +57,53 @@ def _parse_headers(block: bytes) -> dict[str, str]:
     return headers
 
 
-async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIterator[PartEvent]:
-    """Yield part events from a ``multipart/*`` body with the given boundary."""
-    if not boundary or len(boundary) > 70:
-        raise MultipartError("the multipart boundary must be 1 to 70 characters (RFC 2046 §5.1.1)")
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    keep = len(delimiter) + 1
+#: RFC 2046 §5.1.1 ``bchars``: the characters a boundary may use (space not last).
+_BOUNDARY_CHARS = frozenset(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? "
+)
+
+
+def validate_boundary(boundary: str) -> None:
+    """Raise ``MultipartError`` unless ``boundary`` is a valid RFC 2046 §5.1.1 boundary."""
+    if not 1 <= len(boundary) <= 70:
+        raise MultipartError(
+            f"the multipart boundary is {len(boundary)} characters long; "
+            "it must be 1 to 70 (RFC 2046 §5.1.1)"
+        )
+    if not _BOUNDARY_CHARS.issuperset(boundary) or boundary.endswith(" "):
+        raise MultipartError(
+            "the multipart boundary has characters that RFC 2046 §5.1.1 does not allow"
+        )
+
+
+async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncGenerator[PartEvent]:
+    """Yield part events from a ``multipart/*`` body with the given boundary.
+
+    The body is read to its very end, epilogue included (and discarded), so that a body
+    that stops early is reported rather than taken as complete.
+    """
+    validate_boundary(boundary)
+    delimiter = b"\r\n--" + boundary.encode("ascii")
+    keep = len(delimiter) - 1
     # Pretend the body starts with CRLF so that a first delimiter at offset 0 matches.
     buf = bytearray(b"\r\n")
     source = chunks.__aiter__()
     eof = False
+    received = 0
 
     async def fill() -> bool:
-        nonlocal eof
-        if eof:
-            return False
-        try:
-            chunk = await source.__anext__()
-        except StopAsyncIteration:
-            eof = True
-            return False
-        buf.extend(chunk)
-        return True
+        nonlocal eof, received
+        while not eof:
+            try:
+                chunk = await source.__anext__()
+            except StopAsyncIteration:
+                eof = True
+                break
+            if chunk:
+                received += len(chunk)
+                buf.extend(chunk)
+                return True
+        return False
 
     # Preamble: everything before the first delimiter is ignored (RFC 2046 §5.1.1).
     while True:
@@ -91,6 +116,8 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIt
                 f"no multipart boundary {boundary!r} found in the first {MAX_PREAMBLE_BYTES} bytes"
             )
         if not await fill():
+            if not received:
+                raise MultipartError("the multipart body is empty")
             raise MultipartError(f"the body does not contain the multipart boundary {boundary!r}")
 
     parts = 0
@@ -101,15 +128,26 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIt
         if buf[:2] == b"--":
             if parts == 0:
                 raise MultipartError("the multipart body has no parts")
+            # The epilogue is ignored (RFC 2046 §5.1.1), but the body must still end.
+            buf.clear()
+            while await fill():
+                buf.clear()
             return
         while True:
             eol = buf.find(b"\r\n")
             if eol >= 0:
                 break
-            if len(buf) > MAX_PART_HEADER_BYTES or not await fill():
-                raise MultipartError("truncated multipart body: a boundary line is incomplete")
+            if len(buf) > MAX_PART_HEADER_BYTES:
+                raise MultipartError("a multipart boundary line is not followed by CRLF")
+            if not await fill():
+                raise MultipartError(
+                    "truncated multipart body: the stream ended on a boundary line, "
+                    f"before the closing boundary '--{boundary}--'"
+                )
         if buf[:eol].strip(b" \t"):
-            raise MultipartError("unexpected characters after a multipart boundary")
+            raise MultipartError(
+                f"unexpected characters after the multipart boundary: {bytes(buf[:eol][:40])!r}"
+            )
         del buf[: eol + 2]
 
         # Part headers end at the first empty line.
@@ -119,14 +157,16 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIt
                 del buf[:2]
                 break
             end = buf.find(b"\r\n\r\n")
+            if end > MAX_PART_HEADER_BYTES or (end < 0 and len(buf) > MAX_PART_HEADER_BYTES):
+                raise MultipartError(f"part headers exceed {MAX_PART_HEADER_BYTES} bytes")
             if end >= 0:
                 header_block = bytes(buf[:end])
                 del buf[: end + 4]
                 break
-            if len(buf) > MAX_PART_HEADER_BYTES:
-                raise MultipartError(f"part headers exceed {MAX_PART_HEADER_BYTES} bytes")
             if not await fill():
-                raise MultipartError("truncated multipart body: part headers are incomplete")
+                raise MultipartError(
+                    f"truncated multipart body: the stream ended in the headers of part {parts + 1}"
+                )
         parts += 1
         yield PartStart(_parse_headers(header_block))
 
@@ -146,7 +186,7 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIt
                 del buf[:cut]
             if not await fill():
                 raise MultipartError(
-                    "truncated multipart body: the stream ended inside a part, "
+                    f"truncated multipart body: the stream ended inside part {parts}, "
                     f"before the closing boundary '--{boundary}--'"
                 )
 

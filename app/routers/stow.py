@@ -6,6 +6,9 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+from starlette.types import Scope
 
 from app.deps import BaseUrlDep, ServicesDep, TrustDep
 from app.dicom.media import DICOM, DICOM_JSON, MULTIPART_RELATED, parse_media_type
@@ -115,5 +118,35 @@ async def store_study_instances(
     return await _store(request, services, trust, base_url, study)
 
 
-def _header_safe(text: str) -> str:
-    return text.encode("ascii", "replace").decode("ascii").replace('"', "'")
+class _PostOnlyRoute(APIRoute):
+    """A route that does not exist for other methods, so it never turns a 404 into a 405."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope.get("method") != "POST":
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+async def store_bad_study_path(study: str) -> Response:
+    """Answer a hostile or malformed study path (``..%2F``, extra segments) with a 400.
+
+    Without this, a decoded ``/`` in the UID misses every route and reads as a plain 404.
+    """
+    validate_uid(study, "Study Instance UID")
+    raise BadRequest(f"{_header_safe(study)!r} is not a Store Instances resource (PS3.18 §10.5)")
+
+
+router.add_api_route(
+    "/studies/{study:path}",
+    store_bad_study_path,
+    methods=["POST"],
+    include_in_schema=False,
+    response_class=Response,
+    route_class_override=_PostOnlyRoute,
+)
+
+
+def _header_safe(text: str, limit: int = 200) -> str:
+    """Printable ASCII only: details quote client bytes, which must not break the header."""
+    text = text[:limit].encode("ascii", "replace").decode("ascii")
+    return "".join(c if " " <= c <= "~" else "?" for c in text).replace('"', "'")

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.dicom.instance import InstanceHeader, InvalidInstance, read_instance_header
 from app.dicom.media import DICOM, parse_media_type
-from app.dicom.multipart import PartData, PartEnd, PartStart, read_multipart
+from app.dicom.multipart import PartData, PartEnd, PartEvent, PartStart, read_multipart
 from app.dicom.status import FailureReason
+from app.errors import BadRequest
 from app.storage.base import AddOutcome, BlobWriter, InstanceRecord, InstanceStore, MetadataIndex
+
+log = logging.getLogger(__name__)
 
 #: Parts parsed concurrently while the next ones stream in.
 PARSE_CONCURRENCY = 4
@@ -105,6 +109,12 @@ class _Staged:
     header: InstanceHeader
 
 
+@dataclass
+class _Examining:
+    writer: BlobWriter
+    task: asyncio.Task[_Staged | FailedInstance]
+
+
 class StowService:
     def __init__(self, store: InstanceStore, index: MetadataIndex, limits: StowLimits) -> None:
         self._store = store
@@ -123,71 +133,47 @@ class StowService:
     async def store_single(
         self, trust: str, chunks: AsyncIterator[bytes], study_uid: str | None
     ) -> StoreResult:
-        async def as_one_part() -> AsyncIterator[PartStart | PartData | PartEnd]:
-            yield PartStart({"content-type": DICOM})
+        async def as_one_part() -> AsyncGenerator[PartEvent]:
+            started = False
             async for chunk in chunks:
+                if not chunk:
+                    continue
+                if not started:
+                    started = True
+                    yield PartStart({"content-type": DICOM})
                 yield PartData(chunk)
+            if not started:
+                raise BadRequest("the request body is empty")
             yield PartEnd()
 
         return await self._run(trust, as_one_part(), study_uid)
 
     async def _run(
-        self,
-        trust: str,
-        events: AsyncIterator[PartStart | PartData | PartEnd],
-        study_uid: str | None,
+        self, trust: str, events: AsyncGenerator[PartEvent], study_uid: str | None
     ) -> StoreResult:
+        """Receive every part, then publish and index the good ones, or leave no trace.
+
+        Any exception (a broken body, a client that went away, a size limit, a disk
+        error, cancellation) discards every staged and published blob of the request
+        before it propagates, so a request is stored whole or not at all.
+        """
         result = StoreResult()
-        examined: list[asyncio.Task[_Staged | FailedInstance]] = []
-        writer: BlobWriter | None = None
-        hasher = hashlib.sha256()
-        rejected: FailedInstance | None = None
+        examined: list[_Examining] = []
         try:
-            async for event in events:
-                if isinstance(event, PartData):
-                    if writer is None:
-                        continue
-                    if writer.size + len(event.data) > self._limits.max_instance_bytes:
-                        await writer.abort()
-                        writer = None
-                        rejected = FailedInstance(
-                            FailureReason.OUT_OF_RESOURCES,
-                            f"the object exceeds the limit of {self._limits.max_instance_bytes}"
-                            " bytes",
-                        )
-                        continue
-                    hasher.update(event.data)
-                    await writer.write(event.data)
-                elif isinstance(event, PartStart):
-                    rejected = _check_part_type(event.headers)
-                    if rejected is None:
-                        writer = await self._store.create()
-                        hasher = hashlib.sha256()
-                elif isinstance(event, PartEnd):
-                    if writer is not None:
-                        examined.append(
-                            asyncio.create_task(
-                                self._examine(writer, hasher.hexdigest(), study_uid)
-                            )
-                        )
-                        writer = None
-                        await _bound(examined)
-                    elif rejected is not None:
-                        result.failed.append(rejected)
-                    rejected = None
-            outcomes = await asyncio.gather(*examined)
+            await self._receive(events, study_uid, examined, result.failed)
+            outcomes = await asyncio.gather(*(e.task for e in examined))
         except BaseException:
-            if writer is not None:
-                await writer.abort()
             await _abort_all(examined)
             raise
+        finally:
+            # Close the body now, not whenever the garbage collector gets to it.
+            await events.aclose()
 
         staged = [o for o in outcomes if isinstance(o, _Staged)]
         result.failed.extend(o for o in outcomes if isinstance(o, FailedInstance))
         # Failures above keep request order among themselves; stored parts keep theirs.
         try:
-            for s in staged:
-                await s.writer.commit()
+            await self._publish(staged)
             added = await self._index.add_instances(
                 [
                     InstanceRecord(trust, s.header, s.writer.key, s.writer.size, s.sha256)
@@ -195,15 +181,15 @@ class StowService:
                 ]
             )
         except BaseException:
-            for s in staged:
-                await self._store.delete(s.writer.key)
+            # Published but never indexed: unreachable, so remove them again.
+            await self._discard([s.writer for s in staged])
             raise
         for s, outcome in zip(staged, added, strict=True):
             h = s.header
             if outcome is AddOutcome.STORED:
                 result.bytes_stored += s.writer.size
             else:
-                await self._store.delete(s.writer.key)
+                await self._delete_unreferenced(s.writer.key)
             if outcome is AddOutcome.CONFLICT:
                 result.failed.append(
                     FailedInstance(
@@ -218,6 +204,51 @@ class StowService:
                     StoredInstanceRef(h.study_uid, h.series_uid, h.sop_uid, h.sop_class_uid)
                 )
         return result
+
+    async def _receive(
+        self,
+        events: AsyncIterator[PartEvent],
+        study_uid: str | None,
+        examined: list[_Examining],
+        failed: list[FailedInstance],
+    ) -> None:
+        """Stream each part to a staged blob and start examining it; fill ``examined``."""
+        writer: BlobWriter | None = None
+        hasher = hashlib.sha256()
+        rejected: FailedInstance | None = None
+        limit = self._limits.max_instance_bytes
+        try:
+            async for event in events:
+                if isinstance(event, PartData):
+                    if writer is None:
+                        continue  # a rejected part: read past it
+                    if writer.size + len(event.data) > limit:
+                        await writer.abort()
+                        writer = None
+                        rejected = FailedInstance(
+                            FailureReason.OUT_OF_RESOURCES,
+                            f"the object exceeds the limit of {limit} bytes",
+                        )
+                        continue
+                    hasher.update(event.data)
+                    await writer.write(event.data)
+                elif isinstance(event, PartStart):
+                    rejected = _check_part_type(event.headers)
+                    if rejected is None:
+                        writer = await self._store.create()
+                        hasher = hashlib.sha256()
+                elif writer is not None:  # PartEnd
+                    task = asyncio.create_task(self._examine(writer, hasher.hexdigest(), study_uid))
+                    examined.append(_Examining(writer, task))
+                    writer = None
+                    await _bound([e.task for e in examined])
+                else:
+                    if rejected is not None:
+                        failed.append(rejected)
+                    rejected = None
+        finally:
+            if writer is not None:
+                await writer.abort()
 
     async def _examine(
         self, writer: BlobWriter, sha256: str, study_uid: str | None
@@ -245,6 +276,41 @@ class StowService:
         with writer.open_staged() as fp:
             return read_instance_header(fp, self._limits.bulk_data_threshold)
 
+    async def _publish(self, staged: list[_Staged]) -> None:
+        """Commit every blob; concurrently, so the filesystem can batch the fsyncs.
+
+        Every commit settles before this returns or raises, even when cancelled, so that
+        none is still renaming in a thread while the caller cleans up after a failure.
+        """
+        commits = [asyncio.create_task(s.writer.commit()) for s in staged]
+        if not commits:
+            return
+        try:
+            await asyncio.wait(commits)
+        finally:
+            pending = [c for c in commits if not c.done()]
+            if pending:
+                await asyncio.wait(pending)
+        for c in commits:
+            error = c.exception()
+            if error is not None:
+                raise error
+
+    async def _discard(self, writers: list[BlobWriter]) -> None:
+        for w in writers:
+            try:
+                await w.abort()
+            except Exception:
+                log.exception("could not remove staged blob %s", w.key)
+            await self._delete_unreferenced(w.key)
+
+    async def _delete_unreferenced(self, key: str) -> None:
+        # Best effort: a blob the index does not reference is never served, only wasted.
+        try:
+            await self._store.delete(key)
+        except Exception:
+            log.exception("could not remove unreferenced blob %s", key)
+
 
 def _check_part_type(headers: dict[str, str]) -> FailedInstance | None:
     raw = headers.get("content-type")
@@ -266,9 +332,17 @@ async def _bound(tasks: list[asyncio.Task[Any]]) -> None:
         await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def _abort_all(tasks: list[asyncio.Task[_Staged | FailedInstance]]) -> None:
-    for t in tasks:
-        t.cancel()
-    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(outcome, _Staged):
-            await outcome.writer.abort()
+async def _abort_all(examined: list[_Examining]) -> None:
+    """Stop examining and discard every staged blob.
+
+    The writers are aborted here rather than by the tasks: a task cancelled before it
+    first ran never executes its own clean-up.
+    """
+    for e in examined:
+        e.task.cancel()
+    await asyncio.gather(*(e.task for e in examined), return_exceptions=True)
+    for e in examined:
+        try:
+            await e.writer.abort()
+        except Exception:
+            log.exception("could not remove staged blob %s", e.writer.key)

@@ -4,6 +4,12 @@ Layout: ``blobs/ab/cd/<key>`` for committed blobs and ``staging/<key>`` while wr
 is written to staging, fsynced, then renamed into place (atomic on one filesystem) and the
 directory fsynced, so a crash leaves either nothing or a whole blob, never half of one.
 Keys are random hex chosen here; no client string ever reaches a path.
+
+After a crash, staged files are deleted at startup: nobody was ever told they were stored.
+The index commits after the blobs it references are published, so the index never names a
+missing blob; the price is that a crash between publishing and that commit leaves blobs
+that nothing references. They are never served, only wasted space, and reclaiming them
+needs the index's list of keys: that is a sweeper's job above this module.
 """
 
 from __future__ import annotations
@@ -48,14 +54,22 @@ class FileBlobWriter:
     async def write(self, data: bytes) -> None:
         assert self._file is not None, "write after finish"
         # Small writes go to the OS page cache and return at once; a thread hop would cost more.
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _unwritable(exc) from exc
         self._size += len(data)
 
     async def finish(self) -> None:
         if self._file is None:
             return
         f, self._file = self._file, None
-        await asyncio.to_thread(_flush_and_close, f)
+        try:
+            # Shielded: a cancelled wait must not cancel the job before it runs, or the
+            # file handed over would never be closed.
+            await asyncio.shield(asyncio.to_thread(_flush_and_close, f))
+        except OSError as exc:
+            raise _unwritable(exc) from exc
 
     def open_staged(self) -> IO[bytes]:
         return open(self._staged, "rb")  # noqa: SIM115
@@ -63,13 +77,24 @@ class FileBlobWriter:
     async def commit(self) -> None:
         await self.finish()
         final = self._store.path_for(self._key)
-        await asyncio.to_thread(_publish, self._staged, final)
+        try:
+            await asyncio.to_thread(_publish, self._staged, final)
+        except OSError as exc:
+            raise _unwritable(exc) from exc
 
     async def abort(self) -> None:
+        """Discard the staged bytes; safe to call at any point, and more than once."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError:
+                pass  # flushing bytes we are about to delete failed; nothing is lost
         self._staged.unlink(missing_ok=True)
+
+
+def _unwritable(exc: OSError) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the blob store cannot be written: {exc.strerror or exc}")
 
 
 def _flush_and_close(f: IO[bytes]) -> None:
@@ -80,8 +105,22 @@ def _flush_and_close(f: IO[bytes]) -> None:
         f.close()
 
 
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` that also makes each new directory's entry durable in its parent."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # a concurrent commit made it; its entry is fsynced below all the same
+        _fsync_dir(directory.parent)
+
+
 def _publish(staged: Path, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(final.parent)
     os.replace(staged, final)
     _fsync_dir(final.parent)
 
@@ -105,7 +144,10 @@ class FileInstanceStore:
         return self.blob_dir / key[:2] / key[2:4] / key
 
     async def create(self) -> FileBlobWriter:
-        return FileBlobWriter(self, secrets.token_hex(16))
+        try:
+            return FileBlobWriter(self, secrets.token_hex(16))
+        except OSError as exc:
+            raise _unwritable(exc) from exc
 
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         path = self.path_for(key)
