@@ -41,8 +41,11 @@ def get_trust() -> str:
 
 
 def get_base_url(request: Request) -> str:
-    """Absolute URL of the DICOMweb root, as the client reached it (for Retrieve URLs)."""
-    return str(request.base_url).rstrip("/") + "/dicomweb"
+    """Absolute URL of the DICOMweb root for Retrieve URLs and BulkDataURIs: the configured
+    public URL, else the URL the client reached."""
+    public: str | None = request.app.state.services.settings.public_url
+    root = public if public else str(request.base_url).rstrip("/")
+    return root + "/dicomweb"
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     default_query_limit: int = Field(default=1_000, gt=0)
     #: Binary values longer than this become BulkDataURIs in metadata (PS3.18 F.2.6).
     bulk_data_threshold: int = Field(default=1024, ge=0)
+    #: The gateway's external URL (e.g. ``https://pacs-gw.trust.nhs.uk``) for Retrieve URLs and
+    #: BulkDataURIs, when a proxy sits in front. Unset: taken from each request's Host.
+    public_url: str | None = None
     #: Origins allowed by CORS, for browser viewers such as OHIF. Empty: CORS off.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: str = "info"
@@ -37,6 +40,16 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("IEX_PUBLIC_URL must start with http:// or https://")
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

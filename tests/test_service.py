@@ -97,3 +97,14 @@ def test_serve_reads_host_port_and_data_dir_from_environment(tmp_path: Path) -> 
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_public_url_sets_retrieve_urls(make_server: Callable[..., IexServer]) -> None:
+    srv = make_server(IEX_PUBLIC_URL="https://gateway.example:8443/")
+    r = httpx.post(
+        srv.dicomweb + "/studies",
+        content=make_instance(),
+        headers={"Content-Type": "application/dicom"},
+    )
+    assert r.status_code == 200
+    assert r.json()["00081190"]["Value"][0].startswith("https://gateway.example:8443/dicomweb/")
