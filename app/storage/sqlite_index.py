@@ -1,24 +1,20 @@
 """``MetadataIndex`` on SQLite in WAL mode, the embedded default.
 
-All SQL runs on worker threads, never on the event loop: one thread owns the single
-writer connection (SQLite allows one writer at a time anyway), and a small pool of threads
-each own a read connection (WAL lets readers run beside the writer).
+All SQL runs on the database's worker threads (``SQLiteDatabase``), never on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from app.dicom.query import Query, QueryResult
 from app.errors import ServiceUnavailable
 from app.storage.base import AddOutcome, IndexStats, InstanceRecord, StoredInstance
+from app.storage.sqlite_db import SQLiteDatabase, transaction
 from app.storage.sqlite_schema import caseless_name, create_schema, normalise_name
 from app.storage.sqlite_search import run_search
 
@@ -33,70 +29,29 @@ _INSTANCE_COLUMNS = (
 )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    # Each connection is used by one thread only; the check is off so close() can reap them.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode keeps the database consistent after power loss; the blob fsync
-    # before each index commit is what makes a stored instance durable.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+def _functions(conn: sqlite3.Connection) -> None:
     conn.create_function("iex_fold", 1, normalise_name, deterministic=True)
     conn.create_function("iex_caseless", 1, caseless_name, deterministic=True)
-    return conn
 
 
 class SQLiteMetadataIndex:
     def __init__(self, path: Path) -> None:
-        self._path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="iex-index-write")
-        self._reader_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="iex-index-read")
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._writer: sqlite3.Connection | None = None
+        self._db = SQLiteDatabase(path, name="index", read_threads=READ_THREADS, setup=_functions)
 
     async def open(self) -> None:
-        def init() -> None:
-            self._writer = _connect(self._path)
-            create_schema(self._writer)
-
-        await self._on_writer(init)
-
-    async def _on_writer(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer_pool, fn)
+        await self._db.write(create_schema)
 
     async def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            conn = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._local.conn = _connect(self._path)
-                self._readers.append(conn)
-            return fn(conn)
-
-        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, run)
+        return await self._db.read(fn)
 
     # -- writes -------------------------------------------------------------------------
 
     async def add_instances(self, records: Sequence[InstanceRecord]) -> list[AddOutcome]:
         if not records:
             return []
-        return await self._on_writer(lambda: self._add_all(records))
-
-    def _add_all(self, records: Sequence[InstanceRecord]) -> list[AddOutcome]:
-        conn = self._writer
-        assert conn is not None, "index not opened"
-        outcomes: list[AddOutcome] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for record in records:
-                outcomes.append(self._add_one(conn, record))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return outcomes
+        return await self._db.write(
+            lambda conn: transaction(conn, lambda c: [self._add_one(c, r) for r in records])
+        )
 
     def _add_one(self, conn: sqlite3.Connection, record: InstanceRecord) -> AddOutcome:
         h = record.header
@@ -269,14 +224,4 @@ class SQLiteMetadataIndex:
             raise ServiceUnavailable(f"the index is not usable: {exc}") from exc
 
     async def close(self) -> None:
-        def close_writer() -> None:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-
-        await self._on_writer(close_writer)
-        self._writer_pool.shutdown(wait=True)
-        self._reader_pool.shutdown(wait=True)
-        for conn in self._readers:
-            conn.close()
-        self._readers.clear()
+        await self._db.close()

@@ -1,0 +1,101 @@
+"""One SQLite database file, used without blocking the event loop.
+
+One thread owns the single writer connection (SQLite allows one writer at a time anyway);
+a small pool of threads each own a read connection (WAL lets readers run beside the writer).
+Every store on SQLite (the metadata index, the security records) builds on this, so
+connection set-up, pragmas and shutdown live in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+Setup = Callable[[sqlite3.Connection], None]
+
+
+def _connect(path: Path, setup: Setup | None) -> sqlite3.Connection:
+    # Each connection is used by one thread only; the check is off so close() can reap them.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode keeps the database consistent after power loss; what must be durable
+    # before an acknowledgement (a stored blob) is fsynced by its owner before the commit.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    if setup is not None:
+        setup(conn)
+    return conn
+
+
+class SQLiteDatabase:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str,
+        read_threads: int = 4,
+        setup: Setup | None = None,
+    ) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._setup = setup
+        self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"iex-{name}-write")
+        self._reader_pool = ThreadPoolExecutor(read_threads, thread_name_prefix=f"iex-{name}-read")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._writer: sqlite3.Connection | None = None
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with the writer connection on the writer thread."""
+
+        def run() -> T:
+            if self._writer is None:
+                self._writer = _connect(self.path, self._setup)
+            return fn(self._writer)
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer_pool, run)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with a read connection on one of the reader threads."""
+
+        def run() -> T:
+            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = _connect(self.path, self._setup)
+                self._readers.append(conn)
+            return fn(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, run)
+
+    async def close(self) -> None:
+        def close_writer(conn: sqlite3.Connection) -> None:
+            conn.close()
+            self._writer = None
+
+        if self._writer is not None:
+            await self.write(close_writer)
+        self._writer_pool.shutdown(wait=True)
+        self._reader_pool.shutdown(wait=True)
+        for conn in self._readers:
+            conn.close()
+        self._readers.clear()
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn`` inside ``BEGIN IMMEDIATE`` … ``COMMIT``, rolling back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return result
