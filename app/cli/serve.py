@@ -1,13 +1,27 @@
-"""The ``iex`` command line."""
+"""``iex serve``: run the gateway."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
+from typing import Any
 
 from app.settings import Settings
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the options given on the command line."""
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("host", getattr(args, "host", None)),
+            ("port", getattr(args, "port", None)),
+            ("data_dir", getattr(args, "data_dir", None)),
+        )
+        if v is not None
+    }
+    return Settings(**overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -15,12 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.main import create_app
 
-    overrides = {
-        k: v
-        for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir))
-        if v
-    }
-    settings = Settings(**overrides)
+    settings = settings_from(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -29,29 +38,18 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        loop="auto",
-        http="auto",
         timeout_graceful_shutdown=10,
     )
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iex", description="iex, the imaging exchange gateway")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="where data lives (IEX_DATA_DIR, ./var)")
+
+
+def register(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", help="address to listen on (IEX_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (IEX_PORT, default 8080)")
-    serve.add_argument("--data-dir", type=Path, help="where data lives (IEX_DATA_DIR, ./var)")
+    add_data_dir(serve)
     serve.set_defaults(func=_serve)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())
