@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench openapi clean
+.PHONY: install run test lint bench bench-compare openapi clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# Side by side with Orthanc (installed from Debian's packages when absent; needs root). The
+# real CT and MR come from pydicom-data, which only this benchmark needs.
+bench-compare: install
+	$(BIN)/pip install --quiet pydicom-data
+	$(BIN)/python bench/compare.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -6,10 +6,13 @@
      ├── BadRequest               400  malformed input the caller can fix
      │    ├── InvalidUID          400  not a PS3.5 §9 UID
      │    └── InvalidQuery        400  unknown or malformed QIDO-RS parameter
+     ├── Unauthorized             401  no, unknown, expired or revoked credentials
+     ├── Forbidden                403  authenticated, but the role does not allow it
      ├── NotFound                 404  no such study/series/instance/frame/bulk data
      ├── NotAcceptable            406  no representation matches Accept
      ├── PayloadTooLarge          413  over a configured size limit
      ├── UnsupportedMediaType     415  request Content-Type not handled
+     ├── TooManyRequests          429  a rate limit is exhausted (with Retry-After)
      └── ServiceUnavailable       503  store or index not usable
 
 The module is free of HTTP frameworks so that every layer may raise these.
@@ -25,6 +28,11 @@ class IexError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers the status requires (RFC 9110 §11.6.1, RFC 6585 §4)."""
+        return {}
+
 
 class BadRequest(IexError):
     status_code = 400
@@ -36,6 +44,21 @@ class InvalidUID(BadRequest):
 
 class InvalidQuery(BadRequest):
     pass
+
+
+class Unauthorized(IexError):
+    """Every 401 carries the same challenge (RFC 6750 §3); the detail never says whether a
+    token exists, so a guess learns nothing."""
+
+    status_code = 401
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="iex"'}
+
+
+class Forbidden(IexError):
+    status_code = 403
 
 
 class NotFound(IexError):
@@ -52,6 +75,18 @@ class PayloadTooLarge(IexError):
 
 class UnsupportedMediaType(IexError):
     status_code = 415
+
+
+class TooManyRequests(IexError):
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ServiceUnavailable(IexError):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,14 +16,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app import __version__
-from app.deps import Services
+from app.deps import Services, declare_security
 from app.errors import IexError
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers.api import api_router
+from app.routers.auditing import AuditMiddleware
+from app.services.keys import INDEX_FILE, exclusive, open_data_keys
 from app.services.qido import QidoService
+from app.services.security import RatePolicy, Security, SecurityPolicy
 from app.services.stow import StowLimits, StowService
 from app.services.wado import WadoService
 from app.settings import Settings
+from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
 
@@ -43,28 +48,41 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = FileInstanceStore(settings.data_dir)
-        index = SQLiteMetadataIndex(settings.data_dir / "index.sqlite3")
-        await index.open()
-        app.state.services = Services(
-            settings=settings,
-            store=store,
-            index=index,
-            stow=StowService(
-                store,
-                index,
-                StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold),
-            ),
-            wado=WadoService(store, index),
-            qido=QidoService(index),
-            metrics=metrics,
-        )
-        log.info("iex %s ready; data in %s", __version__, settings.data_dir)
-        try:
+        data_dir = settings.data_dir
+        kek = settings.kek.get_secret_value() if settings.kek else None
+        async with AsyncExitStack() as running:
+            # One gateway per data directory; key rotation waits for it to stop.
+            running.enter_context(exclusive(data_dir, "start the gateway"))
+            keys = await asyncio.to_thread(open_data_keys, data_dir, kek)
+            store = EncryptedInstanceStore(FileInstanceStore(data_dir), keys, settings.segment_size)
+            index = SQLiteMetadataIndex(data_dir / INDEX_FILE, key=keys.index_key)
+            await index.open()
+            running.push_async_callback(index.close)
+            security = await Security.open(
+                data_dir,
+                SecurityPolicy(
+                    auth=settings.auth,
+                    rates=RatePolicy(settings.rate_limit_burst, settings.rate_limit_per_minute),
+                ),
+                keys.index_key,
+            )
+            running.push_async_callback(security.close)
+            app.state.services = Services(
+                settings=settings,
+                store=store,
+                index=index,
+                stow=StowService(
+                    store,
+                    index,
+                    StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold),
+                ),
+                wado=WadoService(store, index),
+                qido=QidoService(index),
+                metrics=metrics,
+                security=security,
+            )
+            log.info("iex %s ready; data in %s", __version__, data_dir)
             yield
-        finally:
-            await index.close()
 
     app = FastAPI(
         title="iex",
@@ -74,12 +92,13 @@ def create_app(settings: Settings) -> FastAPI:
         generate_unique_id_function=_operation_id,
     )
     app.include_router(api_router)
+    declare_security(app)
 
     @app.exception_handler(IexError)
     async def _iex_error(request: Request, exc: IexError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
-        return _error(exc.status_code, exc.detail)
+        return _error(exc.status_code, exc.detail, exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -105,5 +124,6 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["Content-Type", "Content-Length", "Warning"],
         )
+    app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -34,12 +34,34 @@ class Settings(BaseSettings):
     public_url: str | None = None
     #: Origins allowed by CORS, for browser viewers such as OHIF. Empty: CORS off.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: The key-encryption key as written by ``iex keys`` (JSON with id and base64 key).
+    #: Unset: the key file ``<data-dir>/keys/kek``, created on the first start.
+    kek: SecretStr | None = None
+    #: Plaintext bytes per encrypted segment: the unit of random access and of integrity.
+    segment_size: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: Authentication and authorisation. ``IEX_AUTH=off`` is for development only: every
+    #: caller then acts as an admin of trust ``local`` (a warning is logged at start).
+    auth: bool = True
+    #: Expensive requests (searches without matching keys, exports) a token may make at once,
+    #: and how many per minute refill its bucket (429 with Retry-After beyond).
+    rate_limit_burst: int = Field(default=20, ge=1)
+    rate_limit_per_minute: float = Field(default=60.0, gt=0)
+    #: TLS: the server certificate and key (PEM); with a client CA, partner gateways may
+    #: authenticate with a client certificate pinned by ``iex partner add``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     log_level: str = "info"
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("kek", mode="before")
+    @classmethod
+    def _empty_kek_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("public_url")
     @classmethod

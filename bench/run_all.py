@@ -22,6 +22,7 @@ SMOKE = [
     ["crypto.py", "--size-mb", "8", "--runs", "1"],
     ["stow_memory.py", "--size-mb", "16"],
     ["qido_latency.py", "--smoke"],
+    ["compare.py", "--smoke"],
 ]
 
 

@@ -156,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             sampler = RssSampler(proc.pid)
             sampler.start()
             ctype = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+            token = (work / "data" / "admin.token").read_text().strip()
+            headers = {"Content-Type": ctype, "Authorization": f"Bearer {token}"}
             with open(body_path, "rb") as body, httpx.Client(timeout=None) as client:
                 start = time.perf_counter()
                 # A file object: httpx streams it with a Content-Length.
-                r = client.post(
-                    url + "/dicomweb/studies", content=body, headers={"Content-Type": ctype}
-                )
+                r = client.post(url + "/dicomweb/studies", content=body, headers=headers)
                 elapsed = time.perf_counter() - start
             sampler.stopped.set()
             sampler.join()

@@ -34,5 +34,5 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., IexServer]]:
 
 @pytest.fixture
 def client(server: IexServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.dicomweb, timeout=60) as c:
+    with server.client() as c:
         yield c

@@ -6,17 +6,23 @@ import io
 import os
 import signal
 import socket
+import sqlite3
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from app.crypto.sqlcipher import connect
+from app.services.keys import open_data_keys
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -29,19 +35,76 @@ def free_port() -> int:
         return port
 
 
+def iex(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run an ``iex`` command on a data directory; its standard output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"iex {' '.join(args)} failed: {result.stderr}{result.stdout}")
+    return result.stdout
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files ``iex serve`` needs for TLS, and the CA that verifies its certificate."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+    server_ca: Path
+
+
 @dataclass
 class IexServer:
-    """An ``iex serve`` subprocess on a loopback port with its own data directory."""
+    """An ``iex serve`` subprocess on a loopback port with its own data directory.
+
+    ``token`` is the admin token written on first start (every role, trust ``local``).
+    """
 
     data_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How clients verify the server: its CA under TLS."""
+        if self.tls is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.tls.server_ca))
+
+    def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
+        """A client of the DICOMweb root sending ``token`` (default: the admin token)."""
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        kwargs.setdefault("verify", self.verify)
+        return httpx.Client(base_url=self.dicomweb, headers=headers, timeout=60, **kwargs)
+
+    def iex(self, *args: str) -> str:
+        return iex(self.data_dir, *args, env=self.env)
+
+    def issue_token(self, trust: str, *roles: str, expires: str | None = None) -> str:
+        args = ["token", "issue", "--trust", trust, "--role", ",".join(roles)]
+        return self.iex(*args, *(["--expires", expires] if expires else [])).strip()
 
     @property
     def dicomweb(self) -> str:
@@ -55,6 +118,10 @@ class IexServer:
             sys.executable, "-m", "app.cli", "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
         ]  # fmt: skip
+        if self.tls is not None:
+            cmd += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+            cmd += ["--tls-client-ca", str(self.tls.client_ca)]
+        verify = self.verify
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
@@ -63,7 +130,7 @@ class IexServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"iex serve exited early:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1, verify=verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -165,3 +232,10 @@ def multipart_related(
     body.write(f"--{boundary}--\r\n".encode())
     header = f'multipart/related; type="application/dicom"; boundary={boundary}'
     return body.getvalue(), header
+
+
+def open_db(data_dir: Path, name: str) -> sqlite3.Connection:
+    """A connection to one of a gateway's encrypted databases (``index.sqlite3``,
+    ``security.sqlite3``), opened with the data directory's own keys."""
+    keys = open_data_keys(data_dir, os.environ.get("IEX_KEK"))
+    return connect(data_dir / name, keys.index_key)

@@ -23,3 +23,4 @@ def test_benchmarks_run_in_smoke_mode() -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "ratio format-encrypt/raw" in result.stdout
     assert "peak" in result.stdout.lower()
+    assert "limit loopback_download" in result.stdout  # bench/compare.py, iex only

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -20,11 +19,13 @@ import pytest
 from pydicom import dcmread
 
 from app.errors import ServiceUnavailable
+from app.services.keys import open_data_keys
 from app.services.stow import StowLimits, StowService
 from app.storage.base import AddOutcome, InstanceRecord
+from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileBlobWriter, FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
-from tests.helpers import IexServer, make_instance, multipart_related
+from tests.helpers import IexServer, make_instance, multipart_related, open_db
 
 BOUNDARY = "iex-test-boundary"
 
@@ -34,7 +35,7 @@ def _files(directory: Path) -> set[str]:
 
 
 def _indexed_blob_keys(data_dir: Path) -> set[str]:
-    conn = sqlite3.connect(f"file:{data_dir / 'index.sqlite3'}?mode=ro", uri=True)
+    conn = open_db(data_dir, "index.sqlite3")
     try:
         return {row[0] for row in conn.execute("SELECT blob_key FROM instances")}
     finally:
@@ -59,7 +60,9 @@ def test_sigkill_mid_request_leaves_no_trace_after_restart(
     srv = make_server()
     kept = [make_instance() for _ in range(3)]
     body, ctype = multipart_related(kept)
-    r = httpx.post(srv.dicomweb + "/studies", content=body, headers={"Content-Type": ctype})
+    r = httpx.post(
+        srv.dicomweb + "/studies", content=body, headers={"Content-Type": ctype, **srv.headers}
+    )
     assert r.status_code == 200, r.text
     kept_keys = _indexed_blob_keys(srv.data_dir)
     assert len(kept_keys) == 3
@@ -68,6 +71,7 @@ def test_sigkill_mid_request_leaves_no_trace_after_restart(
     body, ctype = multipart_related(parts)
     head = (
         f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+        f"Authorization: Bearer {srv.token}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     staging = srv.data_dir / "staging"
@@ -86,11 +90,14 @@ def test_sigkill_mid_request_leaves_no_trace_after_restart(
     assert _indexed_blob_keys(srv.data_dir) == kept_keys
     # Every blob on disk is referenced by the index, and every referenced blob exists.
     assert _files(srv.data_dir / "blobs") == kept_keys
-    metrics = httpx.get(srv.url + "/metrics").text
+    metrics = httpx.get(srv.url + "/metrics", headers=srv.headers).text
     assert "iex_instances_stored 3.0" in metrics.splitlines()
     # And the interrupted request can simply be sent again.
     r = httpx.post(
-        srv.dicomweb + "/studies", content=body, headers={"Content-Type": ctype}, timeout=60
+        srv.dicomweb + "/studies",
+        content=body,
+        headers={"Content-Type": ctype, **srv.headers},
+        timeout=60,
     )
     assert r.status_code == 200, r.text
     assert len(_indexed_blob_keys(srv.data_dir)) == 3 + len(parts)
@@ -113,6 +120,8 @@ class FailingIndex:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> FileInstanceStore:
+    """The files under the encrypting store that the service writes through."""
+    open_data_keys(tmp_path / "data", None)  # a new gateway's keys, made before any data
     return FileInstanceStore(tmp_path / "data")
 
 
@@ -125,8 +134,9 @@ async def index(tmp_path: Path) -> AsyncIterator[SQLiteMetadataIndex]:
 
 
 def _service(store: FileInstanceStore, index: Any) -> StowService:
+    encrypting = EncryptedInstanceStore(store, open_data_keys(store.root, None), 4096)
     return StowService(
-        store, index, StowLimits(max_instance_bytes=1 << 30, bulk_data_threshold=1024)
+        encrypting, index, StowLimits(max_instance_bytes=1 << 30, bulk_data_threshold=1024)
     )
 
 

@@ -131,7 +131,7 @@ def corpus(server: IexServer) -> Corpus:
     )
     add("C1", 1, modality="US", patient_name="DOE^JOHN", study_date="20231231")
     add("D1", 1, modality="CT", patient_name="O'Brien^[Ann]", study_date="20230601")
-    with httpx.Client(base_url=server.dicomweb, timeout=60) as client:
+    with httpx.Client(base_url=server.dicomweb, headers=server.headers, timeout=60) as client:
         _store(client, parts)
     return Corpus(token, studies, series, sops)
 
@@ -438,7 +438,7 @@ def test_paging_has_no_duplicates_or_gaps(client: httpx.Client) -> None:
 
 def test_server_limit_caps_with_a_warning(make_server: Callable[..., IexServer]) -> None:
     srv = make_server(IEX_DEFAULT_QUERY_LIMIT="2", IEX_MAX_QUERY_LIMIT="3")
-    with httpx.Client(base_url=srv.dicomweb, timeout=60) as client:
+    with httpx.Client(base_url=srv.dicomweb, headers=srv.headers, timeout=60) as client:
         assert _search(client, "/studies") == []
         _store(client, [make_instance(patient_id=f"W{i}") for i in range(4)])
         r = client.get("/studies")
@@ -556,7 +556,7 @@ def test_large_results_are_gzipped(client: httpx.Client, corpus: Corpus) -> None
 
 
 def test_dicomweb_client_searches(server: IexServer, corpus: Corpus) -> None:
-    dw = DICOMwebClient(url=server.dicomweb)
+    dw = DICOMwebClient(url=server.dicomweb, headers=server.headers)
     studies = dw.search_for_studies(
         search_filters={"PatientID": corpus.pid("A")}, fields=["StudyDescription"]
     )

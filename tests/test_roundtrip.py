@@ -29,7 +29,9 @@ def corpus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IexServe
     srv = IexServer(tmp_path_factory.mktemp("corpus") / "data").start()
     try:
         body, ctype = multipart_related(f.data for f in CORPUS)
-        r = httpx.post(srv.dicomweb + "/studies", content=body, headers={"Content-Type": ctype})
+        r = httpx.post(
+            srv.dicomweb + "/studies", content=body, headers={"Content-Type": ctype, **srv.headers}
+        )
         assert r.status_code == 200, r.text
         yield srv
     finally:
@@ -51,6 +53,7 @@ def test_found_by_qido(corpus_server: IexServer, item: CorpusFile) -> None:
     r = httpx.get(
         corpus_server.dicomweb + "/instances",
         params={"SOPInstanceUID": item.sop_uid, "includefield": "StudyInstanceUID"},
+        headers=corpus_server.headers,
     )
     assert r.status_code == 200, r.text
     (found,) = r.json()
@@ -64,7 +67,7 @@ def test_retrieved_byte_identical(corpus_server: IexServer, item: CorpusFile) ->
         f"{corpus_server.dicomweb}/studies/{item.study_uid}/series/{item.series_uid}"
         f"/instances/{item.sop_uid}"
     )
-    r = httpx.get(url, headers={"Accept": ANY_SYNTAX})
+    r = httpx.get(url, headers={"Accept": ANY_SYNTAX, **corpus_server.headers})
     assert r.status_code == 200, r.text
     ((ctype, payload),) = _parts(r)
     assert ctype == "application/dicom"
@@ -107,7 +110,7 @@ def test_metadata_equals_pydicom_json(corpus_server: IexServer, item: CorpusFile
         f"{corpus_server.dicomweb}/studies/{item.study_uid}/series/{item.series_uid}"
         f"/instances/{item.sop_uid}/metadata"
     )
-    r = httpx.get(url)
+    r = httpx.get(url, headers=corpus_server.headers)
     assert r.status_code == 200, r.text
     (meta,) = r.json()
     expected, unencodable = _pydicom_json(item.dataset)
@@ -127,7 +130,7 @@ def test_metadata_equals_pydicom_json(corpus_server: IexServer, item: CorpusFile
 
 
 def test_dicomweb_client_round_trip(corpus_server: IexServer) -> None:
-    client = DICOMwebClient(url=corpus_server.dicomweb)
+    client = DICOMwebClient(url=corpus_server.dicomweb, headers=corpus_server.headers)
     native = next(f for f in CORPUS if f.path.name == "CT_small.dcm")
     studies = client.search_for_studies(search_filters={"PatientID": native.dataset.PatientID})
     assert native.study_uid in [s["0020000D"]["Value"][0] for s in studies]

@@ -20,9 +20,9 @@ def test_health_ready_and_metrics(server: IexServer) -> None:
     httpx.post(
         server.dicomweb + "/studies",
         content=make_instance(),
-        headers={"Content-Type": "application/dicom"},
+        headers={"Content-Type": "application/dicom", **server.headers},
     ).raise_for_status()
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=server.headers).text
     assert 'iex_http_requests_total{method="POST",route="/dicomweb/studies",status="200"}' in text
     assert 'iex_http_request_duration_seconds_count{method="GET",route="/readyz"}' in text
     stored = [line for line in text.splitlines() if line.startswith("iex_instances_stored ")]
@@ -104,7 +104,7 @@ def test_public_url_sets_retrieve_urls(make_server: Callable[..., IexServer]) ->
     r = httpx.post(
         srv.dicomweb + "/studies",
         content=make_instance(),
-        headers={"Content-Type": "application/dicom"},
+        headers={"Content-Type": "application/dicom", **srv.headers},
     )
     assert r.status_code == 200
     assert r.json()["00081190"]["Value"][0].startswith("https://gateway.example:8443/dicomweb/")

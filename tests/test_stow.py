@@ -113,7 +113,9 @@ def test_different_object_under_existing_uid_is_refused_and_original_kept(
 
 async def test_concurrent_store_of_one_instance_leaves_one_copy(server: IexServer) -> None:
     data = make_instance()
-    async with httpx.AsyncClient(base_url=server.dicomweb, timeout=60) as ac:
+    async with httpx.AsyncClient(
+        base_url=server.dicomweb, headers=server.headers, timeout=60
+    ) as ac:
         before = await _instances_stored(ac, server)
         responses = await asyncio.gather(
             *(

@@ -46,7 +46,9 @@ class StoreState:
 
 def _metrics(server: IexServer) -> dict[str, float]:
     out: dict[str, float] = {}
-    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+    for line in httpx.get(
+        server.url + "/metrics", headers=server.headers, timeout=30
+    ).text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
@@ -281,7 +283,10 @@ def test_bad_request(server: IexServer, name: str) -> None:
     case = CASES[name]
     body, ctype = case.body()
     headers = {"Content-Type": ctype} if ctype else {}
-    with store_unchanged(server), httpx.Client(base_url=server.dicomweb, timeout=60) as c:
+    with (
+        store_unchanged(server),
+        httpx.Client(base_url=server.dicomweb, headers=server.headers, timeout=60) as c,
+    ):
         r = c.post(case.path, content=body, headers=headers)
     assert r.status_code == case.status, r.text
     if case.reasons:
@@ -318,7 +323,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IexServer]:
 
 def _raw(server: IexServer, head: bytes, body: bytes = b"") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
-    sock.sendall(head + body)
+    auth = f"\r\nAuthorization: Bearer {server.token}\r\nHost:".encode()
+    sock.sendall(head.replace(b"\r\nHost:", auth, 1) + body)
     return sock
 
 
@@ -375,7 +381,10 @@ def test_chunked_body_over_the_limit_is_413_and_stores_nothing(limited: IexServe
         for i in range(0, len(body), 16 * 1024):
             yield body[i : i + 16 * 1024]
 
-    with store_unchanged(limited), httpx.Client(base_url=limited.dicomweb, timeout=60) as c:
+    with (
+        store_unchanged(limited),
+        httpx.Client(base_url=limited.dicomweb, headers=limited.headers, timeout=60) as c,
+    ):
         r = c.post("/studies", content=chunks(), headers={"Content-Type": ctype})
     assert r.status_code == 413
     assert str(REQUEST_LIMIT) in r.json()["detail"]
@@ -385,7 +394,10 @@ def test_instance_over_the_limit_is_a_part_failure(limited: IexServer) -> None:
     big = make_instance(rows=256, columns=256)
     assert INSTANCE_LIMIT < len(big) < REQUEST_LIMIT
     body, ctype = _multipart(big)
-    with store_unchanged(limited), httpx.Client(base_url=limited.dicomweb, timeout=60) as c:
+    with (
+        store_unchanged(limited),
+        httpx.Client(base_url=limited.dicomweb, headers=limited.headers, timeout=60) as c,
+    ):
         r = c.post("/studies", content=body, headers={"Content-Type": ctype})
     assert r.status_code == 409
     assert _reasons(r) == [FailureReason.OUT_OF_RESOURCES]
@@ -395,7 +407,7 @@ def test_instance_over_the_limit_does_not_stop_the_others(limited: IexServer) ->
     small = make_instance()
     body, ctype = _multipart(make_instance(rows=256, columns=256), small)
     before = _state(limited)
-    with httpx.Client(base_url=limited.dicomweb, timeout=60) as c:
+    with httpx.Client(base_url=limited.dicomweb, headers=limited.headers, timeout=60) as c:
         r = c.post("/studies", content=body, headers={"Content-Type": ctype})
     assert r.status_code == 202
     assert _reasons(r) == [FailureReason.OUT_OF_RESOURCES]
@@ -458,7 +470,7 @@ def test_server_keeps_serving_after_all_of_this(server: IexServer) -> None:
     r = httpx.post(
         server.dicomweb + "/studies",
         content=data,
-        headers={"Content-Type": "application/dicom"},
+        headers={"Content-Type": "application/dicom", **server.headers},
         timeout=60,
     )
     assert r.status_code == 200

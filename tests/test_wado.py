@@ -552,7 +552,7 @@ def test_dicomweb_client_interoperates(server: IexServer, client: httpx.Client) 
     rle, rle_ds = with_new_uids("SC_rgb_rle_2frame.dcm", study=study, series=series)
     store(client, plain, implicit, rle)
     plain_ds = dcmread(io.BytesIO(plain))
-    web = DICOMwebClient(url=server.dicomweb)
+    web = DICOMwebClient(url=server.dicomweb, headers=server.headers)
 
     retrieved = web.retrieve_study(study, media_types=(("application/dicom", "*"),))
     assert sorted(d.SOPInstanceUID for d in retrieved) == sorted(
@@ -591,7 +591,7 @@ def test_dicomweb_client_interoperates(server: IexServer, client: httpx.Client) 
 
 def test_fresh_server_serves_what_it_stored(make_server: Callable[..., IexServer]) -> None:
     srv = make_server()
-    with httpx.Client(base_url=srv.dicomweb, timeout=60) as c:
+    with httpx.Client(base_url=srv.dicomweb, headers=srv.headers, timeout=60) as c:
         data, ds = stored(c, "MR_small_implicit.dcm")
         r = get(c, instance_path(ds), DICOM_ANY)
         assert [content for _, content in parse_multipart(r)] == [data]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.cli import serve
+from app.cli import audit, keys, serve, tokens, trusts
 
-COMMAND_GROUPS = (serve,)
+COMMAND_GROUPS = (serve, trusts, tokens, audit, keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

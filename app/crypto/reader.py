@@ -42,6 +42,11 @@ class DecryptingReader(io.RawIOBase):
         self.segment(self.layout.segments - 1)
 
     @property
+    def name(self) -> str:
+        """What parsers that record file names see: the object, not a path to reopen."""
+        return f"<encrypted object {self._opener.object_id}>"
+
+    @property
     def size(self) -> int:
         return self.layout.plaintext_size
 
@@ -74,12 +79,13 @@ class DecryptingReader(io.RawIOBase):
             layout = self.layout
             offset, want = layout.segment_offset(index), layout.segment_ciphertext_size(index)
             if self._map is not None:
-                # Decrypt straight from the page cache: no copy into a read buffer.
-                ciphertext: bytes | memoryview = self._map[offset : offset + want]
+                # Decrypt straight from the page cache: no copy into a read buffer. The view
+                # is released even on failure, or the mapping could not be closed.
+                with self._map[offset : offset + want] as ciphertext:
+                    self._cached = self._opener.open(index, ciphertext)
             else:
                 self._raw.seek(offset)
-                ciphertext = self._raw.read(want)
-            self._cached = self._opener.open(index, ciphertext)
+                self._cached = self._opener.open(index, self._raw.read(want))
             self._cached_index = index
         return self._cached
 

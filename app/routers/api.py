@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routers import health, qido, stow, wado
+from app.routers import admin, health, qido, stow, wado
 
 api_router = APIRouter()
-for module in (health, stow, wado, qido):
+for module in (health, stow, wado, qido, admin):
     api_router.include_router(module.router)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from app.deps import ServicesDep
+from app.deps import Operator, ServicesDep
 from app.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
@@ -29,10 +29,12 @@ async def readyz(services: ServicesDep) -> dict[str, str]:
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    description="Gateway-wide counts, so only admins of the operator trust may read them "
+    "(Prometheus: `authorization: {credentials_file: ...}`).",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE: {}}}},
 )
-async def metrics(services: ServicesDep) -> Response:
+async def metrics(services: ServicesDep, principal: Operator) -> Response:
     stats = await services.index.stats()
     services.metrics.instances.set(stats.instances)
     services.metrics.bytes.set(stats.bytes)

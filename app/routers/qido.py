@@ -14,11 +14,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.deps import BaseUrlDep, ServicesDep, TrustDep
+from app.deps import BaseUrlDep, Reader, ServicesDep
 from app.dicom.media import DICOM_JSON, JSON, parse_accept
 from app.dicom.query import MATCHING_KEYS, PagingLimits, QueryLevel
 from app.errors import NotAcceptable
 from app.routers.responses import json_response
+from app.services.security import Principal
 
 router = APIRouter(prefix="/dicomweb", tags=["QIDO-RS"])
 
@@ -71,6 +72,7 @@ def _parameters(level: QueryLevel) -> list[dict[str, Any]]:
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Matching datasets (an empty array when none match)"},
     400: {"description": "An unknown or malformed query parameter"},
+    429: {"description": "Too many searches without matching keys; see Retry-After"},
     406: {"description": "The Accept header admits neither application/dicom+json nor JSON"},
 }
 
@@ -82,6 +84,16 @@ def _route(level: QueryLevel, summary: str) -> dict[str, Any]:
         "responses": {**_RESPONSES, 200: {**_RESPONSES[200], "content": {DICOM_JSON: {}}}},
         "openapi_extra": {"parameters": _parameters(level)},
     }
+
+
+#: Parameters that shape the answer but match nothing (PS3.18 §8.3.4).
+_NOT_MATCHING = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
+
+
+def _unfiltered(params: list[tuple[str, str]]) -> bool:
+    """A search with no matching key, or only universal matching (PS3.4 C.2.2.2.3), scans
+    the whole trust: the expensive kind that is rate limited."""
+    return all(name in _NOT_MATCHING or not value.strip("*") for name, value in params)
 
 
 def _negotiate(accept: str | None) -> str:
@@ -99,18 +111,21 @@ def _negotiate(accept: str | None) -> str:
 async def _search(
     request: Request,
     services: ServicesDep,
-    trust: str,
+    principal: Principal,
     base_url: str,
     level: QueryLevel,
     study: str | None = None,
     series: str | None = None,
 ) -> Response:
     media_type = _negotiate(request.headers.get("accept"))
+    params = request.query_params.multi_items()
+    if study is None and _unfiltered(params):
+        services.security.gate.throttle(principal, "searches without matching keys")
     settings = services.settings
     result = await services.qido.search(
-        trust,
+        principal.trust,
         level,
-        request.query_params.multi_items(),
+        params,
         base_url,
         PagingLimits(settings.default_query_limit, settings.max_query_limit),
         study_uid=study,
@@ -122,23 +137,23 @@ async def _search(
 
 @router.get("/studies", **_route(QueryLevel.STUDY, "Search for studies (QIDO-RS)"))
 async def search_studies(
-    request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+    request: Request, services: ServicesDep, principal: Reader, base_url: BaseUrlDep
 ) -> Response:
-    return await _search(request, services, trust, base_url, QueryLevel.STUDY)
+    return await _search(request, services, principal, base_url, QueryLevel.STUDY)
 
 
 @router.get("/series", **_route(QueryLevel.SERIES, "Search for series (QIDO-RS)"))
 async def search_series(
-    request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+    request: Request, services: ServicesDep, principal: Reader, base_url: BaseUrlDep
 ) -> Response:
-    return await _search(request, services, trust, base_url, QueryLevel.SERIES)
+    return await _search(request, services, principal, base_url, QueryLevel.SERIES)
 
 
 @router.get("/instances", **_route(QueryLevel.INSTANCE, "Search for instances (QIDO-RS)"))
 async def search_instances(
-    request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+    request: Request, services: ServicesDep, principal: Reader, base_url: BaseUrlDep
 ) -> Response:
-    return await _search(request, services, trust, base_url, QueryLevel.INSTANCE)
+    return await _search(request, services, principal, base_url, QueryLevel.INSTANCE)
 
 
 @router.get(
@@ -146,9 +161,9 @@ async def search_instances(
     **_route(QueryLevel.SERIES, "Search for the series of a study (QIDO-RS)"),
 )
 async def search_study_series(
-    study: str, request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+    study: str, request: Request, services: ServicesDep, principal: Reader, base_url: BaseUrlDep
 ) -> Response:
-    return await _search(request, services, trust, base_url, QueryLevel.SERIES, study)
+    return await _search(request, services, principal, base_url, QueryLevel.SERIES, study)
 
 
 @router.get(
@@ -156,9 +171,9 @@ async def search_study_series(
     **_route(QueryLevel.INSTANCE, "Search for the instances of a study (QIDO-RS)"),
 )
 async def search_study_instances(
-    study: str, request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+    study: str, request: Request, services: ServicesDep, principal: Reader, base_url: BaseUrlDep
 ) -> Response:
-    return await _search(request, services, trust, base_url, QueryLevel.INSTANCE, study)
+    return await _search(request, services, principal, base_url, QueryLevel.INSTANCE, study)
 
 
 @router.get(
@@ -170,7 +185,7 @@ async def search_series_instances(
     series: str,
     request: Request,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
 ) -> Response:
-    return await _search(request, services, trust, base_url, QueryLevel.INSTANCE, study, series)
+    return await _search(request, services, principal, base_url, QueryLevel.INSTANCE, study, series)

@@ -10,11 +10,12 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import Scope
 
-from app.deps import BaseUrlDep, ServicesDep, TrustDep
+from app.deps import BaseUrlDep, ServicesDep, Uploader
 from app.dicom.media import DICOM, DICOM_JSON, MULTIPART_RELATED, parse_media_type
 from app.dicom.uids import validate_uid
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.routers.responses import json_response
+from app.services.audit import ObjectRef
 from app.services.stow import StoreResult
 from app.services.streams import limit_stream
 
@@ -73,6 +74,10 @@ async def _store(
             f"Content-Type {raw_type[:100]!r} is not supported; send "
             f'multipart/related; type="{DICOM}" or {DICOM}'
         )
+    # The audit trail names what was stored (PS3.15 A.5.3.x Instances Transferred).
+    request.state.audit_objects = [
+        ObjectRef(s.study_uid, s.series_uid, s.sop_uid, s.sop_class_uid) for s in result.stored
+    ]
     return await _answer(request, result, base_url, study)
 
 
@@ -82,7 +87,8 @@ async def _answer(
     headers: dict[str, str] = {}
     if result.failed:
         for f in result.failed:
-            log.info("STOW-RS part failed: 0x%04X %s", f.reason, f.detail)
+            # Identifiers only: a parser's message may quote attribute values.
+            log.info("STOW-RS part failed: 0x%04X SOP Instance %s", f.reason, f.sop_uid or "-")
         # PS3.18 §8.4.3 Warning header: a human-readable reason for each failed part.
         headers["Warning"] = ", ".join(
             f'299 iex "{_header_safe(f.detail)}"' for f in result.failed[:20]
@@ -100,9 +106,9 @@ async def _answer(
     response_class=Response,
 )
 async def store_instances(
-    request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+    request: Request, services: ServicesDep, principal: Uploader, base_url: BaseUrlDep
 ) -> Response:
-    return await _store(request, services, trust, base_url, None)
+    return await _store(request, services, principal.trust, base_url, None)
 
 
 @router.post(
@@ -113,9 +119,9 @@ async def store_instances(
     response_class=Response,
 )
 async def store_study_instances(
-    study: str, request: Request, services: ServicesDep, trust: TrustDep, base_url: BaseUrlDep
+    study: str, request: Request, services: ServicesDep, principal: Uploader, base_url: BaseUrlDep
 ) -> Response:
-    return await _store(request, services, trust, base_url, study)
+    return await _store(request, services, principal.trust, base_url, study)
 
 
 class _PostOnlyRoute(APIRoute):
@@ -127,7 +133,7 @@ class _PostOnlyRoute(APIRoute):
         return super().matches(scope)
 
 
-async def store_bad_study_path(study: str) -> Response:
+async def store_bad_study_path(study: str, principal: Uploader) -> Response:
     """Answer a hostile or malformed study path (``..%2F``, extra segments) with a 400.
 
     Without this, a decoded ``/`` in the UID misses every route and reads as a plain 404.

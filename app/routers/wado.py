@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.deps import BaseUrlDep, ServicesDep, TrustDep
+from app.deps import BaseUrlDep, Reader, ServicesDep
 from app.dicom.bulkdata import parse_bulk_path
 from app.dicom.frames import parse_frame_list
 from app.dicom.media import DICOM_JSON, parse_accept
@@ -115,13 +115,15 @@ def _validate(study: str, series: str | None = None, instance: str | None = None
 async def retrieve_study(
     study: str,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
     _validate(study)
     ranges = parse_accept(accept)
-    return _stream(await services.wado.retrieve(trust, study, None, None, ranges, base_url))
+    return _stream(
+        await services.wado.retrieve(principal.trust, study, None, None, ranges, base_url)
+    )
 
 
 @router.get(
@@ -134,13 +136,15 @@ async def retrieve_series(
     study: str,
     series: str,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
     _validate(study, series)
     ranges = parse_accept(accept)
-    return _stream(await services.wado.retrieve(trust, study, series, None, ranges, base_url))
+    return _stream(
+        await services.wado.retrieve(principal.trust, study, series, None, ranges, base_url)
+    )
 
 
 @router.get(
@@ -154,13 +158,15 @@ async def retrieve_instance(
     series: str,
     instance: str,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
     _validate(study, series, instance)
     ranges = parse_accept(accept)
-    retrieval = await services.wado.retrieve(trust, study, series, instance, ranges, base_url)
+    retrieval = await services.wado.retrieve(
+        principal.trust, study, series, instance, ranges, base_url
+    )
     return _stream(retrieval)
 
 
@@ -194,11 +200,11 @@ async def retrieve_study_metadata(
     study: str,
     request: Request,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    return await _metadata(request, services, trust, base_url, accept, study)
+    return await _metadata(request, services, principal.trust, base_url, accept, study)
 
 
 @router.get(
@@ -212,11 +218,11 @@ async def retrieve_series_metadata(
     series: str,
     request: Request,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    return await _metadata(request, services, trust, base_url, accept, study, series)
+    return await _metadata(request, services, principal.trust, base_url, accept, study, series)
 
 
 @router.get(
@@ -231,11 +237,13 @@ async def retrieve_instance_metadata(
     instance: str,
     request: Request,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    return await _metadata(request, services, trust, base_url, accept, study, series, instance)
+    return await _metadata(
+        request, services, principal.trust, base_url, accept, study, series, instance
+    )
 
 
 # -- frames and bulk data (PS3.18 §10.4.1.1.4, §10.4.1.1.5) ---------------------------------
@@ -254,14 +262,14 @@ async def retrieve_frames(
     instance: str,
     frames: str,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
     _validate(study, series, instance)
     numbers = parse_frame_list(frames)
     retrieval = await services.wado.frames(
-        trust, study, series, instance, numbers, parse_accept(accept), base_url
+        principal.trust, study, series, instance, numbers, parse_accept(accept), base_url
     )
     return _stream(retrieval)
 
@@ -283,13 +291,13 @@ async def retrieve_bulkdata(
     instance: str,
     path: str,
     services: ServicesDep,
-    trust: TrustDep,
+    principal: Reader,
     base_url: BaseUrlDep,
     accept: AcceptHeader = None,
 ) -> Response:
     _validate(study, series, instance)
     bulk_path = parse_bulk_path(path)
     retrieval = await services.wado.bulkdata(
-        trust, study, series, instance, bulk_path, parse_accept(accept), base_url
+        principal.trust, study, series, instance, bulk_path, parse_accept(accept), base_url
     )
     return _stream(retrieval)

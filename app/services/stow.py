@@ -160,7 +160,7 @@ class StowService:
         result = StoreResult()
         examined: list[_Examining] = []
         try:
-            await self._receive(events, study_uid, examined, result.failed)
+            await self._receive(trust, events, study_uid, examined, result.failed)
             outcomes = await asyncio.gather(*(e.task for e in examined))
         except BaseException:
             await _abort_all(examined)
@@ -207,6 +207,7 @@ class StowService:
 
     async def _receive(
         self,
+        trust: str,
         events: AsyncIterator[PartEvent],
         study_uid: str | None,
         examined: list[_Examining],
@@ -235,7 +236,7 @@ class StowService:
                 elif isinstance(event, PartStart):
                     rejected = _check_part_type(event.headers)
                     if rejected is None:
-                        writer = await self._store.create()
+                        writer = await self._store.create(trust)
                         hasher = hashlib.sha256()
                 elif writer is not None:  # PartEnd
                     task = asyncio.create_task(self._examine(writer, hasher.hexdigest(), study_uid))

@@ -70,13 +70,34 @@ class _Part:
 
 
 async def _multipart(boundary: str, parts: AsyncIterator[_Part]) -> AsyncIterator[bytes]:
-    """Frame parts as RFC 2387 ``multipart/related`` (the CRLF before a delimiter is its own)."""
+    """Frame parts as RFC 2387 ``multipart/related`` (the CRLF before a delimiter is its own).
+
+    Each part's first bytes are read before its header goes out, so a stored object that
+    fails to open (missing, or failing its integrity check) fails before it is announced.
+    """
     async for part in parts:
+        first = await anext(part.body, None)
         yield part_header(boundary, part.content_type, {"Content-Location": part.location})
+        if first is not None:
+            yield first
         async for chunk in part.body:
             yield chunk
         yield b"\r\n"
     yield closing_delimiter(boundary)
+
+
+async def _primed(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Run ``body`` up to its first chunk now, so that failures opening the first stored
+    object become an error status rather than a response cut after its headers."""
+    first = await anext(body, None)
+
+    async def rest() -> AsyncIterator[bytes]:
+        if first is not None:
+            yield first
+        async for chunk in body:
+            yield chunk
+
+    return rest()
 
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
@@ -85,11 +106,11 @@ async def _chunks(data: bytes) -> AsyncIterator[bytes]:
         yield bytes(view[start : start + SEND_CHUNK])
 
 
-def _retrieval(root_type: str, parts: AsyncIterator[_Part]) -> Retrieval:
+async def _retrieval(root_type: str, parts: AsyncIterator[_Part]) -> Retrieval:
     boundary = new_boundary()
     return Retrieval(
         f'{MULTIPART_RELATED}; type="{root_type}"; boundary={boundary}',
-        _multipart(boundary, parts),
+        await _primed(_multipart(boundary, parts)),
     )
 
 
@@ -203,7 +224,7 @@ class WadoService:
                     body = self._transcoded(inst.blob_key)
                 yield _Part(rep.content_type, _instance_url(base_url, inst), body)
 
-        return _retrieval("application/dicom", parts())
+        return await _retrieval("application/dicom", parts())
 
     async def _transcoded(self, key: str) -> AsyncIterator[bytes]:
         data = await self._in_thread(key, to_explicit_vr_little_endian)
@@ -273,7 +294,7 @@ class WadoService:
         else:
             layout = FrameLayout.from_dicom_json(orjson.loads(stored), sop)
             parts = await self._native_frames(inst, layout, numbers, rep, location)
-        return _retrieval(rep.media_type, parts)
+        return await _retrieval(rep.media_type, parts)
 
     async def _native_frames(
         self,
@@ -372,12 +393,12 @@ class WadoService:
         if path.top_level and path.tags[0] == inst.pixel_tag:
             offered = pixel_representations(inst.transfer_syntax)
             rep = _negotiate(what, inst.transfer_syntax, accept, offered)
-            return _retrieval(rep.media_type, self._pixel_bulk(inst, rep, location))
+            return await _retrieval(rep.media_type, self._pixel_bulk(inst, rep, location))
         rep = _negotiate(what, inst.transfer_syntax, accept, bulk_representations())
         value = await self._in_thread(
             inst.blob_key, lambda fp: read_bulk_value(fp, path, inst.transfer_syntax)
         )
-        return _retrieval(
+        return await _retrieval(
             rep.media_type, _single(_Part(rep.content_type, location, _chunks(value)))
         )
 

@@ -40,7 +40,8 @@ class BlobWriter(Protocol):
 
 
 class InstanceStore(Protocol):
-    async def create(self) -> BlobWriter: ...
+    async def create(self, trust: str) -> BlobWriter:
+        """A new blob owned by ``trust`` (whose data key seals it)."""
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Stream bytes [start, end) of a committed blob."""

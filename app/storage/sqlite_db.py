@@ -16,20 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from app.crypto.sqlcipher import connect
+
 T = TypeVar("T")
 
 Setup = Callable[[sqlite3.Connection], None]
 
 
-def _connect(path: Path, setup: Setup | None) -> sqlite3.Connection:
+def _connect(path: Path, key: bytes | None, setup: Setup | None) -> sqlite3.Connection:
     # Each connection is used by one thread only; the check is off so close() can reap them.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn = connect(path, key)
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode keeps the database consistent after power loss; what must be durable
     # before an acknowledgement (a stored blob) is fsynced by its owner before the commit.
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
+    # 16 MiB of page cache per connection: with SQLCipher a page read from the cache skips
+    # its decryption, which roughly halves the encryption cost of repeated searches.
+    conn.execute("PRAGMA cache_size=-16384")
     if setup is not None:
         setup(conn)
     return conn
@@ -41,10 +46,13 @@ class SQLiteDatabase:
         path: Path,
         *,
         name: str,
+        key: bytes | None = None,
         read_threads: int = 4,
         setup: Setup | None = None,
     ) -> None:
+        """``key``: encrypt the whole database with SQLCipher (``app.crypto.sqlcipher``)."""
         self.path = path
+        self._key = key
         path.parent.mkdir(parents=True, exist_ok=True)
         self._setup = setup
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"iex-{name}-write")
@@ -58,7 +66,7 @@ class SQLiteDatabase:
 
         def run() -> T:
             if self._writer is None:
-                self._writer = _connect(self.path, self._setup)
+                self._writer = _connect(self.path, self._key, self._setup)
             return fn(self._writer)
 
         return await asyncio.get_running_loop().run_in_executor(self._writer_pool, run)
@@ -69,7 +77,7 @@ class SQLiteDatabase:
         def run() -> T:
             conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
             if conn is None:
-                conn = self._local.conn = _connect(self.path, self._setup)
+                conn = self._local.conn = _connect(self.path, self._key, self._setup)
                 self._readers.append(conn)
             return fn(conn)
 

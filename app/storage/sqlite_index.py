@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from app.crypto.sqlcipher import DatabaseErrors
 from app.dicom.query import Query, QueryResult
 from app.errors import ServiceUnavailable
 from app.storage.base import AddOutcome, IndexStats, InstanceRecord, StoredInstance
@@ -35,8 +36,10 @@ def _functions(conn: sqlite3.Connection) -> None:
 
 
 class SQLiteMetadataIndex:
-    def __init__(self, path: Path) -> None:
-        self._db = SQLiteDatabase(path, name="index", read_threads=READ_THREADS, setup=_functions)
+    def __init__(self, path: Path, key: bytes | None = None) -> None:
+        self._db = SQLiteDatabase(
+            path, name="index", key=key, read_threads=READ_THREADS, setup=_functions
+        )
 
     async def open(self) -> None:
         await self._db.write(create_schema)
@@ -220,7 +223,7 @@ class SQLiteMetadataIndex:
     async def check(self) -> None:
         try:
             await self._on_reader(lambda c: c.execute("SELECT 1 FROM counters").fetchone())
-        except sqlite3.Error as exc:
+        except DatabaseErrors as exc:
             raise ServiceUnavailable(f"the index is not usable: {exc}") from exc
 
     async def close(self) -> None:

@@ -1,0 +1,213 @@
+"""Where keys live on disk: the KEK file and the keyring of wrapped keys beside it.
+
+``keys/kek`` holds the key-encryption key (mode 0600) unless ``IEX_KEK`` provides it;
+``keys/keyring.json`` holds every wrapped key (per-trust DEKs and the index key) and the id
+of the KEK that wraps them. Neither file holds anything usable without the KEK.
+
+KEK rotation must switch two files together. The order makes any crash recoverable:
+(1) write ``keyring.json.next`` wrapped by the new KEK, (2) write the new KEK to ``kek.next``,
+(3) rename ``kek.next`` over ``kek`` — the commit point —, (4) rename the keyring into place.
+On start, a keyring wrapped by another KEK than the one loaded is replaced by a
+``keyring.json.next`` wrapped by the loaded KEK; leftovers of an unfinished rotation go.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.crypto.errors import KeyUnavailable
+from app.crypto.keys import (
+    KeyEncryptionKey,
+    Keyring,
+    WrappedKey,
+    load_kek,
+    new_kek,
+    write_key_file,
+)
+
+#: The trust name under which the index key is kept; no real trust may use it.
+INDEX_KEY_OWNER = "@index"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _encode(kek_id: str, keys: list[WrappedKey]) -> bytes:
+    doc = {
+        "format": 1,
+        "kek_id": kek_id,
+        "keys": [
+            {
+                "id": w.id,
+                "trust": w.trust,
+                "kek_id": w.kek_id,
+                "wrapped": base64.b64encode(w.wrapped).decode("ascii"),
+                "created_at": w.created_at,
+                "active": w.active,
+            }
+            for w in keys
+        ],
+    }
+    return (json.dumps(doc, indent=1) + "\n").encode("ascii")
+
+
+def _decode(data: bytes, source: Path) -> tuple[str, list[WrappedKey]]:
+    try:
+        doc = json.loads(data)
+        keys = [
+            WrappedKey(
+                id=str(k["id"]),
+                trust=str(k["trust"]),
+                kek_id=str(k["kek_id"]),
+                wrapped=base64.b64decode(k["wrapped"], validate=True),
+                created_at=float(k["created_at"]),
+                active=bool(k["active"]),
+            )
+            for k in doc["keys"]
+        ]
+        return str(doc["kek_id"]), keys
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KeyUnavailable(f"the keyring {source} is damaged: {exc}") from exc
+
+
+@dataclass
+class KeyStore:
+    """The key files of one gateway, under ``<data-dir>/keys``."""
+
+    directory: Path
+
+    @property
+    def kek_path(self) -> Path:
+        return self.directory / "kek"
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.directory / "keyring.json"
+
+    def _next(self, path: Path) -> Path:
+        return path.with_name(path.name + ".next")
+
+    def open(self, env_kek: str | None, *, data_exists: bool) -> Keyring:
+        """Load the KEK and the keyring, finishing an interrupted rotation if there is one.
+
+        A new KEK is made only for a gateway with no data and no keyring yet.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        may_create = not data_exists and not self.keyring_path.exists()
+        kek = load_kek(self.kek_path, env_kek, may_create=may_create)
+        self._recover(kek)
+        if not self.keyring_path.exists():
+            if not may_create:
+                raise KeyUnavailable(
+                    f"the keyring {self.keyring_path} is missing but encrypted data exists"
+                )
+            ring = Keyring(kek, [])
+            ring.new_key(INDEX_KEY_OWNER)
+            self.save(ring)
+            return ring
+        kek_id, keys = _decode(self.keyring_path.read_bytes(), self.keyring_path)
+        if kek_id != kek.id:
+            raise KeyUnavailable(
+                f"the keyring is wrapped by {kek_id} but the key-encryption key given is "
+                f"{kek.id}: wrong key file or IEX_KEK"
+            )
+        return Keyring(kek, keys)
+
+    def _recover(self, kek: KeyEncryptionKey) -> None:
+        next_ring = self._next(self.keyring_path)
+        if next_ring.exists():
+            kek_id, _ = _decode(next_ring.read_bytes(), next_ring)
+            if kek_id == kek.id:
+                os.replace(next_ring, self.keyring_path)  # step 4 of a rotation
+                _fsync_dir(self.directory)
+            else:
+                next_ring.unlink()  # the rotation never reached its commit point
+        self._next(self.kek_path).unlink(missing_ok=True)
+
+    def save(self, ring: Keyring) -> None:
+        _write_atomically(self.keyring_path, _encode(ring.kek.id, ring.wrapped_keys))
+
+    def rotate_kek(self, ring: Keyring, given: KeyEncryptionKey | None) -> Keyring:
+        """Re-wrap every key under a new KEK; data is not touched.
+
+        ``given``: the new KEK when the KEK lives in the environment (the operator installs
+        it there); otherwise a new one is made and the key file replaced.
+        """
+        new = given or new_kek()
+        rewrapped = ring.rewrapped(new)
+        next_ring = self._next(self.keyring_path)
+        _write_atomically(next_ring, _encode(new.id, rewrapped))
+        if given is None:
+            next_kek = self._next(self.kek_path)
+            write_key_file(next_kek, new)
+            os.replace(next_kek, self.kek_path)
+            _fsync_dir(self.directory)
+        os.replace(next_ring, self.keyring_path)
+        _fsync_dir(self.directory)
+        return Keyring(new, rewrapped)
+
+
+class DataKeys:
+    """The keys a running gateway encrypts with: per-trust DEKs and the index key.
+
+    A trust's first write makes its DEK and saves the keyring before any byte is sealed with
+    it, so a key that protects data is always on disk (wrapped) first.
+    """
+
+    def __init__(self, store: KeyStore, ring: Keyring) -> None:
+        self._store = store
+        self._ring = ring
+        self._lock = threading.Lock()
+
+    @property
+    def ring(self) -> Keyring:
+        return self._ring
+
+    def key(self, key_id: str) -> bytes:
+        return self._ring.key(key_id)
+
+    def for_writing(self, trust: str) -> tuple[str, bytes]:
+        """The active DEK of ``trust``; made and saved on first use (blocking I/O then)."""
+        active = self._ring.active(trust)
+        if active is not None:
+            return active
+        with self._lock:
+            active = self._ring.active(trust)
+            if active is None:
+                self._ring.new_key(trust)
+                self._store.save(self._ring)
+                active = self._ring.active(trust)
+            assert active is not None
+            return active
+
+    def needs_new_key(self, trust: str) -> bool:
+        return self._ring.active(trust) is None
+
+    @property
+    def index_key(self) -> bytes:
+        active = self._ring.active(INDEX_KEY_OWNER)
+        if active is None:
+            raise KeyUnavailable("the keyring has no index key")
+        return active[1]

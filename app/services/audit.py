@@ -1,0 +1,447 @@
+"""The audit trail: one record per access to patient data and per security event.
+
+Records carry the fields of the DICOM audit message (PS3.15 Annex A.5), rendered as JSON
+with the schema's element and attribute names, so that a forwarder can turn them into
+RFC 3881 / DICOM XML for an IHE ATNA repository:
+
+* ``EventIdentification``: ``EventID`` and ``EventTypeCode`` (codes of PS3.16 CID 400 and
+  CID 401, scheme ``DCM``), ``EventActionCode`` (C, R, U, D, E), ``EventDateTime`` (UTC),
+  ``EventOutcomeIndicator`` (0 success, 4 minor failure, 8 serious failure; A.5.2.1);
+* ``ActiveParticipant``: the requestor (``UserID`` the token id, ``AlternativeUserID`` its
+  trust, ``NetworkAccessPointID`` the client address, type 2 = IP address) and the gateway;
+* ``AuditSourceIdentification``: this gateway (type 4, application server);
+* ``ParticipantObjectIdentification``: studies (ID type 110180 Study Instance UID) with
+  their series in ``ParticipantObjectDetail`` and instances in
+  ``ParticipantObjectDescription.SOPClass.Instance`` (A.5.2.5); for a query, the query SOP
+  class with ``ParticipantObjectQuery`` (A.5.3.12).
+
+An ``iex`` element adds what the schema has no place for: route, HTTP status, bytes.
+Records hold identifiers only: never patient names; query values of attributes outside an
+allow-list of identifiers are replaced by ``*``.
+
+Tamper evidence: each record holds ``seq`` and the ``prev_hash`` of the one before, and is
+stored as the canonical JSON text whose SHA-256 is its ``hash``. Editing, deleting or
+reordering a record breaks the chain at that record (``verify``). Appends are batched off
+the request path by a background task; ``flush`` waits for everything queued so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from app.errors import BadRequest
+from app.storage.sqlite_security import (
+    GENESIS,
+    AuditAppend,
+    AuditFilter,
+    SQLiteSecurityStore,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCE_ID = "iex"
+BATCH = 500
+
+#: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2), the model QIDO-RS serves.
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def _code(code: str, meaning: str) -> dict[str, str]:
+    return {"csd-code": code, "codeSystemName": "DCM", "originalText": meaning}
+
+
+# PS3.16 CID 400 (Audit Event ID) and CID 401 (Audit Event Type Code).
+APPLICATION_ACTIVITY = _code("110100", "Application Activity")
+AUDIT_LOG_USED = _code("110101", "Audit Log Used")
+INSTANCES_ACCESSED = _code("110103", "DICOM Instances Accessed")
+INSTANCES_TRANSFERRED = _code("110104", "DICOM Instances Transferred")
+EXPORT = _code("110106", "Export")
+QUERY = _code("110112", "Query")
+SECURITY_ALERT = _code("110113", "Security Alert")
+USER_AUTHENTICATION = _code("110114", "User Authentication")
+LOGIN = _code("110122", "Login")
+USE_OF_RESTRICTED_FUNCTION = _code("110132", "Use of Restricted Function")
+SECURITY_CONFIGURATION = _code("110129", "Security Configuration")
+SOURCE_ROLE = _code("110153", "Source Role ID")
+DESTINATION_ROLE = _code("110152", "Destination Role ID")
+STUDY_UID_TYPE = _code("110180", "Study Instance UID")
+SOP_CLASS_UID_TYPE = _code("110181", "SOP Class UID")
+
+#: Query parameters whose values are identifiers or paging, kept as sent; others become ``*``.
+_QUERY_KEPT = frozenset(
+    {
+        "limit", "offset", "fuzzymatching", "includefield",
+        "StudyInstanceUID", "0020000D", "SeriesInstanceUID", "0020000E",
+        "SOPInstanceUID", "00080018", "SOPClassUID", "00080016",
+        "PatientID", "00100020", "AccessionNumber", "00080050",
+        "StudyDate", "00080020", "StudyTime", "00080030",
+        "Modality", "00080060", "ModalitiesInStudy", "00080061",
+        "StudyID", "00200010", "SeriesNumber", "00200011", "InstanceNumber", "00200013",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    study: str
+    series: str | None = None
+    instance: str | None = None
+    sop_class: str | None = None
+
+
+@dataclass(frozen=True)
+class AccessFacts:
+    """What one HTTP exchange did, as the HTTP layer observed it; no framework types."""
+
+    at: float
+    method: str
+    route: str
+    status: int
+    client: str | None
+    actor: str | None
+    trust: str | None
+    kind: str  # "store", "retrieve", "metadata", "query", "export", "delete", "audit", "other"
+    objects: Sequence[ObjectRef] = ()
+    query: Sequence[tuple[str, str]] = ()
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    reason: str | None = None
+
+
+_ACTIONS = {
+    "store": (INSTANCES_TRANSFERRED, "C"),
+    "retrieve": (INSTANCES_TRANSFERRED, "R"),
+    "metadata": (INSTANCES_ACCESSED, "R"),
+    "query": (QUERY, "E"),
+    "export": (EXPORT, "R"),
+    "delete": (INSTANCES_ACCESSED, "D"),
+    "audit": (AUDIT_LOG_USED, "R"),
+}
+
+
+def _outcome(status: int) -> str:
+    """EventOutcomeIndicator (PS3.15 A.5.2.1): a partial store (202) is a minor failure."""
+    if status < 300 and status != 202:
+        return "0"
+    return "4" if status < 500 else "8"
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _redact(query: Sequence[tuple[str, str]]) -> str:
+    return "&".join(f"{k}={v if k in _QUERY_KEPT else '*'}" for k, v in query)
+
+
+def _study_objects(objects: Sequence[ObjectRef]) -> list[dict[str, Any]]:
+    """One participant object per study (PS3.15 A.5.2.5), series and instances within."""
+    by_study: dict[str, list[ObjectRef]] = {}
+    for ref in objects:
+        by_study.setdefault(ref.study, []).append(ref)
+    out = []
+    for study, refs in by_study.items():
+        item: dict[str, Any] = {
+            "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "3",
+            "ParticipantObjectIDTypeCode": STUDY_UID_TYPE,
+            "ParticipantObjectID": study,
+        }
+        series = sorted({r.series for r in refs if r.series})
+        if series:
+            item["ParticipantObjectDetail"] = [
+                {"type": "SeriesInstanceUID", "value": s} for s in series
+            ]
+        classes: dict[str, list[str]] = {}
+        for r in refs:
+            if r.instance:
+                classes.setdefault(r.sop_class or "", []).append(r.instance)
+        if classes:
+            item["ParticipantObjectDescription"] = {
+                "SOPClass": [
+                    {
+                        **({"UID": uid} if uid else {}),
+                        "NumberOfInstances": len(instances),
+                        "Instance": [{"UID": i} for i in instances],
+                    }
+                    for uid, instances in classes.items()
+                ]
+            }
+        out.append(item)
+    return out
+
+
+def build_record(facts: AccessFacts) -> AuditAppend:
+    """The PS3.15 A.5 record of one exchange. 401 is a failed User Authentication (A.5.3.x,
+    type Login), 403 a Security Alert (Use of Restricted Function); anything else is the
+    event of the transaction attempted, its outcome taken from the status."""
+    if facts.status == 401:
+        event, action, types = USER_AUTHENTICATION, "E", [LOGIN]
+    elif facts.status == 403:
+        event, action, types = SECURITY_ALERT, "E", [USE_OF_RESTRICTED_FUNCTION]
+    else:
+        event, action = _ACTIONS.get(facts.kind, (APPLICATION_ACTIVITY, "E"))
+        types = []
+    identification: dict[str, Any] = {
+        "EventID": event,
+        "EventActionCode": action,
+        "EventDateTime": _when(facts.at),
+        "EventOutcomeIndicator": _outcome(facts.status),
+    }
+    if types:
+        identification["EventTypeCode"] = types
+    if facts.reason and facts.status in (401, 403, 429):
+        identification["EventOutcomeDescription"] = facts.reason
+    requestor: dict[str, Any] = {
+        "UserID": facts.actor or "unknown",
+        "UserIsRequestor": True,
+        "RoleIDCode": [DESTINATION_ROLE if action == "R" else SOURCE_ROLE],
+    }
+    if facts.trust:
+        requestor["AlternativeUserID"] = facts.trust
+    if facts.client:
+        requestor["NetworkAccessPointID"] = facts.client
+        requestor["NetworkAccessPointTypeCode"] = "2"
+    gateway = {
+        "UserID": SOURCE_ID,
+        "UserIsRequestor": False,
+        "RoleIDCode": [SOURCE_ROLE if action == "R" else DESTINATION_ROLE],
+    }
+    objects = _study_objects(facts.objects)
+    if facts.kind == "query" and facts.query is not None:
+        objects.append(
+            {
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "3",
+                "ParticipantObjectIDTypeCode": SOP_CLASS_UID_TYPE,
+                "ParticipantObjectID": STUDY_ROOT_FIND,
+                "ParticipantObjectQuery": base64.b64encode(
+                    _redact(facts.query).encode("utf-8")
+                ).decode("ascii"),
+            }
+        )
+    record: dict[str, Any] = {
+        "EventIdentification": identification,
+        "ActiveParticipant": [requestor, gateway],
+        "AuditSourceIdentification": {"AuditSourceID": SOURCE_ID, "AuditSourceTypeCode": "4"},
+        "iex": {
+            "route": f"{facts.method} {facts.route}",
+            "status": facts.status,
+            "trust": facts.trust,
+            "bytesReceived": facts.bytes_received,
+            "bytesSent": facts.bytes_sent,
+        },
+    }
+    if objects:
+        record["ParticipantObjectIdentification"] = objects
+    studies = tuple(dict.fromkeys(r.study for r in facts.objects))
+    return AuditAppend(record, facts.at, facts.trust, facts.actor, studies)
+
+
+# -- the hash chain ---------------------------------------------------------------------
+
+
+def canonical(record: dict[str, Any]) -> str:
+    """The one text a record is hashed as: sorted keys, no spaces, UTF-8."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def seal(record: dict[str, Any]) -> tuple[str, str]:
+    text = canonical(record)
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def export_line(entry: str, digest: str) -> str:
+    """A JSON line of the exported trail: the record with its ``hash``."""
+    return canonical({**json.loads(entry), "hash": digest})
+
+
+class ChainVerifier:
+    """Checks a chain record by record and stops at the first bad one, naming it.
+
+    Feed ``(entry text, stored hash)``; an exported line passes ``None`` as its hash and
+    carries it inside. ``anchored``: the first record must be seq 1 chained from the genesis
+    hash (a whole trail); an export ``--since`` starts mid-chain and anchors on its first
+    record. ``finish(head)`` compares the end with the gateway's head (last seq and hash),
+    which catches deleted newest records.
+    """
+
+    def __init__(self, anchored: bool = True) -> None:
+        self.anchored = anchored
+        self.checked = 0
+        self.first_bad: int | None = None
+        self.problem: str | None = None
+        self.last_seq = 0
+        self.last_hash = GENESIS
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def feed(self, entry: str, stored_hash: str | None) -> bool:
+        if not self.ok:
+            return False
+        position = self.checked + 1
+        try:
+            record = json.loads(entry)
+            if stored_hash is None:
+                stored_hash = str(record.pop("hash"))
+                entry = canonical(record)
+            seq = int(record["seq"])
+            prev = str(record["prev_hash"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self._bad(None, f"entry {position} is not an audit record")
+        if hashlib.sha256(entry.encode("utf-8")).hexdigest() != stored_hash:
+            return self._bad(seq, "its content does not match its hash (edited)")
+        if position == 1 and not self.anchored:
+            self.last_seq, self.last_hash = seq - 1, prev
+        if seq != self.last_seq + 1:
+            return self._bad(
+                seq, f"expected record {self.last_seq + 1} here (a record was deleted or moved)"
+            )
+        if prev != self.last_hash:
+            return self._bad(seq, "its prev_hash is not the hash of the record before it")
+        self.checked += 1
+        self.last_seq, self.last_hash = seq, stored_hash
+        return True
+
+    def finish(self, head: tuple[int, str] | None = None) -> bool:
+        if self.ok and head is not None and head != (self.last_seq, self.last_hash):
+            return self._bad(
+                self.last_seq + 1,
+                f"the trail ends at record {self.last_seq} but the head records {head[0]} "
+                "(the newest records were deleted or changed)",
+            )
+        return self.ok
+
+    def _bad(self, seq: int | None, problem: str) -> bool:
+        self.first_bad = seq
+        self.problem = problem
+        return False
+
+
+# -- times --------------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> float:
+    """Seconds since the epoch from ISO 8601 (``2024-05-01``, ``2024-05-01T10:00:00Z``),
+    epoch seconds, or an age such as ``15m``, ``24h``, ``7d`` (that long ago)."""
+    value = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if value[:-1].isdigit() and value[-1:] in units:
+        return time.time() - int(value[:-1]) * units[value[-1]]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(
+            f"{text[:40]!r} is not a time: use ISO 8601, epoch seconds or an age like 24h"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return (parsed - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(seconds=1)
+
+
+# -- the trail ----------------------------------------------------------------------------
+
+
+@dataclass
+class AuditTrail:
+    """Queues records and appends them in batches from a background task."""
+
+    store: SQLiteSecurityStore
+    _queue: asyncio.Queue[AuditAppend] = field(default_factory=asyncio.Queue)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._drain(), name="iex-audit")
+
+    def submit(self, facts: AccessFacts) -> None:
+        """Queue the record of an exchange; never blocks, never drops (the queue is unbounded;
+        the writer appends up to ``BATCH`` records per transaction)."""
+        self._queue.put_nowait(build_record(facts))
+
+    async def security_change(
+        self, what: str, *, actor: str, trust: str | None, subject: str
+    ) -> None:
+        """A change to trusts, tokens or partners (Security Alert, Security Configuration)."""
+        await self.store.append_audit([security_change(what, actor, trust, subject)], seal)
+
+    async def _drain(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._append(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _append(self, batch: list[AuditAppend]) -> None:
+        for attempt in range(5):
+            try:
+                await self.store.append_audit(batch, seal)
+                return
+            except Exception:
+                log.exception("audit append failed (attempt %d), retrying", attempt + 1)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        log.error("LOST %d audit records: the security database cannot be written", len(batch))
+
+    async def flush(self) -> None:
+        """Wait until every record queued so far is in the database."""
+        await self._queue.join()
+
+    async def query(self, where: AuditFilter) -> list[dict[str, Any]]:
+        await self.flush()
+        rows = await self.store.audit(where)
+        return [{**json.loads(r.entry), "hash": r.hash} for r in rows]
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        await self.flush()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+
+def security_change(what: str, actor: str, trust: str | None, subject: str) -> AuditAppend:
+    """The record of a change to who may do what (PS3.15 A.5.3.11, Security Alert)."""
+    now = time.time()
+    record = {
+        "EventIdentification": {
+            "EventID": SECURITY_ALERT,
+            "EventActionCode": "E",
+            "EventDateTime": _when(now),
+            "EventOutcomeIndicator": "0",
+            "EventTypeCode": [SECURITY_CONFIGURATION],
+            "EventOutcomeDescription": what,
+        },
+        "ActiveParticipant": [{"UserID": actor, "UserIsRequestor": True}],
+        "AuditSourceIdentification": {"AuditSourceID": SOURCE_ID, "AuditSourceTypeCode": "4"},
+        "ParticipantObjectIdentification": [
+            {
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "13",  # Security Resource
+                "ParticipantObjectID": subject,
+            }
+        ],
+        "iex": {"route": "cli", "status": 0, "trust": trust},
+    }
+    return AuditAppend(record, now, trust, actor)

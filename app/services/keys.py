@@ -1,0 +1,117 @@
+"""Opening, inspecting and rotating the gateway's keys; shared by ``iex serve`` and ``iex keys``.
+
+The KEK and keyring live under ``<data-dir>/keys``. A running gateway holds ``keys/lock``;
+rotation takes it too, so keys never change under a running gateway (whose keyring is in
+memory) — rotation is an offline operation of seconds, as it touches no data.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.crypto.errors import IntegrityError, KeyUnavailable
+from app.crypto.keys import KeyEncryptionKey, decode_kek
+from app.crypto.keystore import INDEX_KEY_OWNER, DataKeys, KeyStore
+from app.crypto.segments import MAX_HEADER_SIZE, Header
+
+INDEX_FILE = "index.sqlite3"
+
+
+def key_store(data_dir: Path) -> KeyStore:
+    return KeyStore(data_dir / "keys")
+
+
+def data_exists(data_dir: Path) -> bool:
+    """True once the gateway has stored anything that a new key could not read."""
+    if (data_dir / INDEX_FILE).exists():
+        return True
+    blobs = data_dir / "blobs"
+    return blobs.is_dir() and any(blobs.iterdir())
+
+
+@contextmanager
+def exclusive(data_dir: Path, purpose: str) -> Iterator[None]:
+    """Hold ``keys/lock``: one gateway per data directory, and no rotation while it runs."""
+    directory = data_dir / "keys"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeyUnavailable(
+                f"cannot {purpose}: another iex process holds {directory / 'lock'} "
+                "(a gateway is running on this data directory; stop it first)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_data_keys(data_dir: Path, kek: str | None) -> DataKeys:
+    """Load (or, for a new gateway, create) the keys. Blocking."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = key_store(data_dir)
+    ring = store.open(kek, data_exists=data_exists(data_dir))
+    return DataKeys(store, ring)
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    key_id: str
+    owner: str
+    created_at: float
+    active: bool
+    objects: int
+
+
+def key_usage(data_dir: Path, keys: DataKeys) -> list[KeyUsage]:
+    """Each key with how many stored objects it seals, read from the objects' headers."""
+    counts: Counter[str] = Counter()
+    blobs = data_dir / "blobs"
+    if blobs.is_dir():
+        for path in blobs.glob("*/*/*"):
+            with open(path, "rb") as f:
+                try:
+                    counts[Header.decode(f.read(MAX_HEADER_SIZE), path.name).key_id] += 1
+                except IntegrityError:
+                    counts["(unreadable header)"] += 1
+    usage = [
+        KeyUsage(w.id, w.trust, w.created_at, w.active, counts.pop(w.id, 0))
+        for w in keys.ring.wrapped_keys
+    ]
+    usage += [KeyUsage(kid, "(unknown key)", 0.0, False, n) for kid, n in counts.items()]
+    return usage
+
+
+def rotate_kek(data_dir: Path, kek: str | None, new_kek: str | None) -> KeyEncryptionKey:
+    """Re-wrap every key under a new KEK. With the KEK in the environment, the new one must
+    be given too (``new_kek``), since there is no key file to replace."""
+    with exclusive(data_dir, "rotate keys"):
+        keys = open_data_keys(data_dir, kek)
+        store = key_store(data_dir)
+        if kek is not None:
+            if new_kek is None:
+                raise KeyUnavailable(
+                    "the KEK comes from IEX_KEK: generate one with `iex keys generate-kek` "
+                    "and pass it in IEX_NEW_KEK, then set IEX_KEK to it"
+                )
+            return store.rotate_kek(keys.ring, decode_kek(new_kek, "IEX_NEW_KEK")).kek
+        return store.rotate_kek(keys.ring, None).kek
+
+
+def rotate_trust_key(data_dir: Path, kek: str | None, trust: str) -> str:
+    """Start a new DEK for ``trust``'s new writes; returns its id. Old objects keep theirs."""
+    if trust == INDEX_KEY_OWNER:
+        raise KeyUnavailable("the index key is not a trust's key")
+    with exclusive(data_dir, "rotate keys"):
+        keys = open_data_keys(data_dir, kek)
+        wrapped = keys.ring.new_key(trust)
+        key_store(data_dir).save(keys.ring)
+        return wrapped.id

@@ -1,0 +1,346 @@
+"""Trusts, tokens, partners and the audit trail, in their own SQLite file.
+
+``<data-dir>/security.sqlite3`` is separate from the instance index so that audit appends
+never queue behind STOW-RS index writes, and so that the command line (``iex token``,
+``iex audit``) can work on it while the server runs (WAL lets both open it).
+
+Token secrets are never stored: only the SHA-256 of the secret. The audit table keeps each
+record as the exact canonical text that was hashed, so verification re-hashes stored bytes;
+the hash chain itself is computed by a ``Seal`` the audit service passes in.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.crypto.sqlcipher import IntegrityErrors
+from app.errors import BadRequest, NotFound
+from app.storage.sqlite_db import SQLiteDatabase, transaction
+
+#: The ``prev_hash`` of the first audit record.
+GENESIS = "0" * 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trusts (
+    name TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    trust TEXT NOT NULL REFERENCES trusts (name),
+    roles TEXT NOT NULL,
+    label TEXT,
+    secret_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS partners (
+    name TEXT PRIMARY KEY,
+    trust TEXT NOT NULL REFERENCES trusts (name),
+    roles TEXT NOT NULL,
+    cert_sha256 TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    trust TEXT,
+    actor TEXT,
+    entry TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_trust ON audit (trust, at);
+CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, at);
+CREATE TABLE IF NOT EXISTS audit_studies (
+    study_uid TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (study_uid, seq)
+) WITHOUT ROWID;
+-- The last sealed record: appends chain from here, and verification compares the table's
+-- tail with it, so deleting the newest records is caught as well.
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+#: Seals one record (already holding ``seq`` and ``prev_hash``): its canonical text and hash.
+Seal = Callable[[dict[str, Any]], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class StoredToken:
+    id: str
+    trust: str
+    roles: tuple[str, ...]
+    label: str | None
+    secret_sha256: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class Partner:
+    name: str
+    trust: str
+    roles: tuple[str, ...]
+    cert_sha256: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class AuditAppend:
+    """One record to append, with the columns it is found by."""
+
+    record: dict[str, Any]
+    at: float
+    trust: str | None
+    actor: str | None
+    studies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    since: float | None = None
+    until: float | None = None
+    trust: str | None = None
+    actor: str | None = None
+    study: str | None = None
+    after_seq: int = 0
+    limit: int = 1000
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    entry: str
+    hash: str
+
+
+def _roles(text: str) -> tuple[str, ...]:
+    return tuple(r for r in text.split(",") if r)
+
+
+def _token(row: Sequence[Any]) -> StoredToken:
+    return StoredToken(row[0], row[1], _roles(row[2]), row[3], row[4], row[5], row[6], row[7])
+
+
+_TOKEN_COLUMNS = "id, trust, roles, label, secret_sha256, created_at, expires_at, revoked_at"
+
+
+class SQLiteSecurityStore:
+    def __init__(self, path: Path, key: bytes | None = None) -> None:
+        """``key``: encrypt the database (SQLCipher), as the gateway always does."""
+        self._db = SQLiteDatabase(path, name="security", key=key, read_threads=2)
+
+    async def open(self) -> None:
+        await self._db.write(lambda conn: conn.executescript(_SCHEMA))
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- trusts ---------------------------------------------------------------------------
+
+    async def add_trust(self, name: str) -> None:
+        def add(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO trusts (name, created_at) VALUES (?, ?)", (name, time.time())
+                )
+            except IntegrityErrors:
+                raise BadRequest(f"trust {name!r} already exists") from None
+
+        await self._db.write(add)
+
+    async def trusts(self) -> list[tuple[str, float]]:
+        return await self._db.read(
+            lambda c: [(r[0], r[1]) for r in c.execute("SELECT name, created_at FROM trusts")]
+        )
+
+    async def has_trust(self, name: str) -> bool:
+        row = await self._db.read(
+            lambda c: c.execute("SELECT 1 FROM trusts WHERE name = ?", (name,)).fetchone()
+        )
+        return row is not None
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    async def add_token(self, token: StoredToken) -> None:
+        def add(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM trusts WHERE name = ?", (token.trust,)).fetchone():
+                conn.execute(
+                    f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        token.id,
+                        token.trust,
+                        ",".join(token.roles),
+                        token.label,
+                        token.secret_sha256,
+                        token.created_at,
+                        token.expires_at,
+                        token.revoked_at,
+                    ),
+                )
+            else:
+                raise NotFound(f"no trust {token.trust!r}; create it with `iex trust add`")
+
+        await self._db.write(add)
+
+    async def token(self, token_id: str) -> StoredToken | None:
+        row = await self._db.read(
+            lambda c: c.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+        )
+        return None if row is None else _token(row)
+
+    async def tokens(self, trust: str | None = None) -> list[StoredToken]:
+        sql = f"SELECT {_TOKEN_COLUMNS} FROM tokens"
+        params: tuple[str, ...] = ()
+        if trust is not None:
+            sql += " WHERE trust = ?"
+            params = (trust,)
+        rows = await self._db.read(
+            lambda c: c.execute(sql + " ORDER BY created_at", params).fetchall()
+        )
+        return [_token(r) for r in rows]
+
+    async def revoke_token(self, token_id: str) -> StoredToken:
+        def revoke(conn: sqlite3.Connection) -> StoredToken:
+            conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (time.time(), token_id),
+            )
+            row = conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no token {token_id!r}")
+            return _token(row)
+
+        return await self._db.write(revoke)
+
+    # -- partners -------------------------------------------------------------------------
+
+    async def add_partner(self, partner: Partner) -> None:
+        def add(conn: sqlite3.Connection) -> None:
+            if not conn.execute("SELECT 1 FROM trusts WHERE name = ?", (partner.trust,)).fetchone():
+                raise NotFound(f"no trust {partner.trust!r}; create it with `iex trust add`")
+            try:
+                conn.execute(
+                    "INSERT INTO partners (name, trust, roles, cert_sha256, created_at)"
+                    " VALUES (?,?,?,?,?)",
+                    (
+                        partner.name,
+                        partner.trust,
+                        ",".join(partner.roles),
+                        partner.cert_sha256,
+                        partner.created_at,
+                    ),
+                )
+            except IntegrityErrors:
+                raise BadRequest(
+                    f"partner {partner.name!r} or its certificate is already configured"
+                ) from None
+
+        await self._db.write(add)
+
+    async def remove_partner(self, name: str) -> None:
+        def remove(conn: sqlite3.Connection) -> None:
+            if conn.execute("DELETE FROM partners WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no partner {name!r}")
+
+        await self._db.write(remove)
+
+    async def partners(self) -> list[Partner]:
+        rows = await self._db.read(
+            lambda c: c.execute(
+                "SELECT name, trust, roles, cert_sha256, created_at FROM partners ORDER BY name"
+            ).fetchall()
+        )
+        return [Partner(r[0], r[1], _roles(r[2]), r[3], r[4]) for r in rows]
+
+    async def partner_by_certificate(self, cert_sha256: str) -> Partner | None:
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT name, trust, roles, cert_sha256, created_at FROM partners"
+                " WHERE cert_sha256 = ?",
+                (cert_sha256,),
+            ).fetchone()
+        )
+        return None if row is None else Partner(row[0], row[1], _roles(row[2]), row[3], row[4])
+
+    # -- audit ----------------------------------------------------------------------------
+
+    async def append_audit(self, appends: Sequence[AuditAppend], seal: Seal) -> int:
+        """Append records in one transaction, chained from the head; returns the last seq.
+
+        ``BEGIN IMMEDIATE`` serialises appenders across processes (the server and the
+        command line), so the chain never forks.
+        """
+
+        def append(conn: sqlite3.Connection) -> int:
+            head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+            seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+            for item in appends:
+                seq += 1
+                entry, digest = seal({**item.record, "seq": seq, "prev_hash": prev})
+                conn.execute(
+                    "INSERT INTO audit (seq, at, trust, actor, entry, hash) VALUES (?,?,?,?,?,?)",
+                    (seq, item.at, item.trust, item.actor, entry, digest),
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO audit_studies (study_uid, seq) VALUES (?, ?)",
+                    [(study, seq) for study in item.studies],
+                )
+                prev = digest
+            conn.execute(
+                "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (seq, prev),
+            )
+            return int(seq)
+
+        if not appends:
+            return 0
+        return await self._db.write(lambda conn: transaction(conn, append))
+
+    async def audit(self, where: AuditFilter) -> list[AuditRow]:
+        """Records matching the filter, oldest first."""
+        clauses = ["a.seq > ?"]
+        params: list[Any] = [where.after_seq]
+        for column, op, value in (
+            ("a.at", ">=", where.since),
+            ("a.at", "<", where.until),
+            ("a.trust", "=", where.trust),
+            ("a.actor", "=", where.actor),
+        ):
+            if value is not None:
+                clauses.append(f"{column} {op} ?")
+                params.append(value)
+        if where.study is not None:
+            clauses.append("a.seq IN (SELECT seq FROM audit_studies WHERE study_uid = ?)")
+            params.append(where.study)
+        sql = (
+            "SELECT a.seq, a.entry, a.hash FROM audit a WHERE "
+            + " AND ".join(clauses)
+            + " ORDER BY a.seq LIMIT ?"
+        )
+        params.append(where.limit)
+        rows = await self._db.read(lambda c: c.execute(sql, params).fetchall())
+        return [AuditRow(r[0], r[1], r[2]) for r in rows]
+
+    async def audit_head(self) -> tuple[int, str]:
+        row = await self._db.read(
+            lambda c: c.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        )
+        return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))

@@ -1,0 +1,139 @@
+"""Mutual TLS: partner gateways are pinned by their client certificate's fingerprint."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.helpers import IexServer, TlsFiles, make_instance
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _certificate(
+    directory: Path,
+    name: str,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    *,
+    server: bool = False,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A P-256 certificate (a CA when ``issuer`` is None), written as ``name.pem``/``.key``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(issuer[0].subject if issuer else _name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if issuer is None:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+    elif server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False
+        )
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    ca = _certificate(d, "ca", None)
+    _certificate(d, "server", ca, server=True)
+    _certificate(d, "partner-a", ca)
+    _certificate(d, "partner-b", ca)  # same CA, never pinned
+    rogue_ca = _certificate(d, "rogue-ca", None)
+    _certificate(d, "rogue", rogue_ca)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IexServer]:
+    files = TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem", pki / "ca.pem")
+    srv = IexServer(tmp_path_factory.mktemp("mtls") / "data", tls=files).start()
+    srv.iex("partner", "add", "partner-a", "--trust", "local", "--role", "reader",
+            "--cert", str(pki / "partner-a.pem"))  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def _context(pki: Path, client: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if client is not None:
+        context.load_cert_chain(pki / f"{client}.pem", pki / f"{client}.key")
+    return context
+
+
+def _search(srv: IexServer, pki: Path, client: str | None, **headers: str) -> httpx.Response:
+    with httpx.Client(verify=_context(pki, client), timeout=30) as c:
+        return c.get(srv.dicomweb + "/studies", params={"PatientID": "P-TLS"}, headers=headers)
+
+
+def test_the_pinned_partner_connects(tls_server: IexServer, pki: Path) -> None:
+    r = _search(tls_server, pki, "partner-a")
+    assert r.status_code == 200 and r.json() == []
+    with tls_server.client() as admin:
+        records = admin.get(tls_server.url + "/audit", params={"actor": "partner:partner-a"})
+    (record,) = records.json()
+    assert record["iex"]["status"] == 200 and record["iex"]["trust"] == "local"
+
+
+def test_another_certificate_of_the_same_ca_is_refused(tls_server: IexServer, pki: Path) -> None:
+    r = _search(tls_server, pki, "partner-b")
+    assert r.status_code == 401
+    assert "not pinned" in r.json()["detail"]
+
+
+def test_the_partners_roles_are_its_pin_s(tls_server: IexServer, pki: Path) -> None:
+    with httpx.Client(verify=_context(pki, "partner-a"), timeout=30) as c:
+        r = c.post(
+            tls_server.dicomweb + "/studies",
+            content=make_instance(),
+            headers={"Content-Type": "application/dicom"},
+        )
+    assert r.status_code == 403
+
+
+def test_a_certificate_of_another_ca_fails_the_handshake(tls_server: IexServer, pki: Path) -> None:
+    with pytest.raises(httpx.HTTPError):
+        _search(tls_server, pki, "rogue")
+
+
+def test_bearer_tokens_work_over_tls_without_a_client_certificate(
+    tls_server: IexServer, pki: Path
+) -> None:
+    assert _search(tls_server, pki, None).status_code == 401
+    r = _search(tls_server, pki, None, Authorization=f"Bearer {tls_server.token}")
+    assert r.status_code == 200
