@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from app.crypto.errors import KeyUnavailable
 from app.crypto.segments import KEY_SIZE
+from app.durable import write_atomically
 
 _WRAP_NONCE = 12
 
@@ -73,21 +74,9 @@ def decode_kek(text: str, source: str) -> KeyEncryptionKey:
 
 
 def write_key_file(path: Path, kek: KeyEncryptionKey) -> None:
-    """Write atomically with mode 0600: a temporary file, fsync, rename, fsync the directory."""
+    """Write the key file atomically with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, encode_kek(kek).encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, encode_kek(kek).encode("ascii"))
 
 
 def load_kek(path: Path, env_value: str | None, *, may_create: bool) -> KeyEncryptionKey:

@@ -29,29 +29,10 @@ from app.crypto.keys import (
     new_kek,
     write_key_file,
 )
+from app.durable import fsync_dir, write_atomically
 
 #: The trust name under which the index key is kept; no real trust may use it.
 INDEX_KEY_OWNER = "@index"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _encode(kek_id: str, keys: list[WrappedKey]) -> bytes:
@@ -141,13 +122,13 @@ class KeyStore:
             kek_id, _ = _decode(next_ring.read_bytes(), next_ring)
             if kek_id == kek.id:
                 os.replace(next_ring, self.keyring_path)  # step 4 of a rotation
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
             else:
                 next_ring.unlink()  # the rotation never reached its commit point
         self._next(self.kek_path).unlink(missing_ok=True)
 
     def save(self, ring: Keyring) -> None:
-        _write_atomically(self.keyring_path, _encode(ring.kek.id, ring.wrapped_keys))
+        write_atomically(self.keyring_path, _encode(ring.kek.id, ring.wrapped_keys))
 
     def rotate_kek(self, ring: Keyring, given: KeyEncryptionKey | None) -> Keyring:
         """Re-wrap every key under a new KEK; data is not touched.
@@ -158,14 +139,14 @@ class KeyStore:
         new = given or new_kek()
         rewrapped = ring.rewrapped(new)
         next_ring = self._next(self.keyring_path)
-        _write_atomically(next_ring, _encode(new.id, rewrapped))
+        write_atomically(next_ring, _encode(new.id, rewrapped))
         if given is None:
             next_kek = self._next(self.kek_path)
             write_key_file(next_kek, new)
             os.replace(next_kek, self.kek_path)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         os.replace(next_ring, self.keyring_path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return Keyring(new, rewrapped)
 
 

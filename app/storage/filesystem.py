@@ -21,18 +21,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
+from app.durable import fsync_dir
 from app.errors import NotFound, ServiceUnavailable
 
 READ_CHUNK = 1024 * 1024
 _KEY_CHARS = frozenset("0123456789abcdef")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileBlobWriter:
@@ -116,13 +109,13 @@ def _make_dirs(path: Path) -> None:
             directory.mkdir(mode=0o700)
         except FileExistsError:
             pass  # a concurrent commit made it; its entry is fsynced below all the same
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
 
 def _publish(staged: Path, final: Path) -> None:
     _make_dirs(final.parent)
     os.replace(staged, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 class FileInstanceStore:
