@@ -17,6 +17,7 @@ from app.services.stow import StowService
 from app.services.wado import WadoService
 from app.settings import Settings
 from app.storage.base import InstanceStore, MetadataIndex
+from app.transfer.tus import ResumableUploads
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Services:
     stow: StowService
     wado: WadoService
     qido: QidoService
+    uploads: ResumableUploads
     metrics: Metrics
     security: Security
 
@@ -38,16 +40,21 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_base_url(request: Request) -> str:
-    """Absolute URL of the DICOMweb root for Retrieve URLs and BulkDataURIs: the configured
-    public URL, else the URL the client reached."""
+def get_root_url(request: Request) -> str:
+    """Absolute URL of the gateway: the configured public URL, else the URL the client
+    reached."""
     public: str | None = request.app.state.services.settings.public_url
-    root = public if public else str(request.base_url).rstrip("/")
-    return root + "/dicomweb"
+    return public if public else str(request.base_url).rstrip("/")
+
+
+def get_base_url(request: Request) -> str:
+    """Absolute URL of the DICOMweb root for Retrieve URLs and BulkDataURIs."""
+    return get_root_url(request) + "/dicomweb"
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 BaseUrlDep = Annotated[str, Depends(get_base_url)]
+RootUrlDep = Annotated[str, Depends(get_root_url)]
 
 # -- authentication and authorisation -----------------------------------------------------
 

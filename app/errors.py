@@ -10,9 +10,13 @@
      ├── Forbidden                403  authenticated, but the role does not allow it
      ├── NotFound                 404  no such study/series/instance/frame/bulk data
      ├── NotAcceptable            406  no representation matches Accept
+     ├── Conflict                 409  the request does not fit the resource's current state
+     ├── Gone                     410  the resource existed but has expired
+     ├── PreconditionFailed       412  a request precondition (e.g. Tus-Resumable) fails
      ├── PayloadTooLarge          413  over a configured size limit
      ├── UnsupportedMediaType     415  request Content-Type not handled
      ├── TooManyRequests          429  a rate limit is exhausted (with Retry-After)
+     ├── ChecksumMismatch         460  a tus chunk does not match its Upload-Checksum
      └── ServiceUnavailable       503  store or index not usable
 
 The module is free of HTTP frameworks so that every layer may raise these.
@@ -69,6 +73,18 @@ class NotAcceptable(IexError):
     status_code = 406
 
 
+class Conflict(IexError):
+    status_code = 409
+
+
+class Gone(IexError):
+    status_code = 410
+
+
+class PreconditionFailed(IexError):
+    status_code = 412
+
+
 class PayloadTooLarge(IexError):
     status_code = 413
 
@@ -87,6 +103,12 @@ class TooManyRequests(IexError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class ChecksumMismatch(IexError):
+    """tus 1.0.0 checksum extension: 460 Checksum Mismatch (not an IANA status)."""
+
+    status_code = 460
 
 
 class ServiceUnavailable(IexError):

@@ -21,6 +21,7 @@ from app.errors import IexError
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers.api import api_router
 from app.routers.auditing import AuditMiddleware
+from app.routers.uploads import TUS_EXPOSED_HEADERS
 from app.services.keys import INDEX_FILE, exclusive, open_data_keys
 from app.services.qido import QidoService
 from app.services.security import RatePolicy, Security, SecurityPolicy
@@ -30,6 +31,8 @@ from app.settings import Settings
 from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
+from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
+from app.transfer.tus import ResumableUploads, UploadLimits
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,14 @@ def create_app(settings: Settings) -> FastAPI:
             index = SQLiteMetadataIndex(data_dir / INDEX_FILE, key=keys.index_key)
             await index.open()
             running.push_async_callback(index.close)
+            upload_state = SQLiteUploadState(data_dir / UPLOADS_FILE, key=keys.index_key)
+            await upload_state.open()
+            running.push_async_callback(upload_state.close)
+            uploads = ResumableUploads(
+                store,
+                upload_state,
+                UploadLimits(settings.max_upload_bytes, settings.upload_expiry),
+            )
             security = await Security.open(
                 data_dir,
                 SecurityPolicy(
@@ -78,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
                 ),
                 wado=WadoService(store, index),
                 qido=QidoService(index),
+                uploads=uploads,
                 metrics=metrics,
                 security=security,
             )
@@ -120,9 +132,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "OPTIONS", "HEAD", "PATCH", "DELETE"],
             allow_headers=["*"],
-            expose_headers=["Content-Type", "Content-Length", "Warning"],
+            expose_headers=["Content-Type", "Content-Length", "Warning", *TUS_EXPOSED_HEADERS],
         )
     app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=2 * 1024**3, gt=0)
     #: Largest single DICOM object accepted inside a request, in bytes.
     max_instance_bytes: int = Field(default=1024**3, gt=0)
+    #: Largest resumable (tus) upload accepted, in bytes (``Tus-Max-Size``; 413 above it).
+    max_upload_bytes: int = Field(default=1024**3, gt=0)
+    #: Seconds a resumable upload lives after its creation or last PATCH (``Upload-Expires``).
+    upload_expiry: float = Field(default=24 * 3600.0, gt=0)
     #: Largest ``limit`` a QIDO-RS query may ask for.
     max_query_limit: int = Field(default=10_000, gt=0)
     #: Results returned when a QIDO-RS query gives no ``limit``.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routers import admin, health, qido, stow, wado
+from app.routers import admin, health, qido, stow, uploads, wado
 
 api_router = APIRouter()
-for module in (health, stow, wado, qido, admin):
+for module in (health, stow, wado, qido, uploads, admin):
     api_router.include_router(module.router)

@@ -8,7 +8,9 @@ client that has read a complete response can rely on its record being queued (an
 
 What the exchange was comes from the matched route: POST stores, ``…/metadata`` reads
 metadata, the search resources (``/studies``, ``/series``, ``/instances``) query and other
-DICOMweb GETs retrieve. A route may name its own kind in ``request.state.audit_kind``.
+DICOMweb GETs retrieve. Resumable uploads (``/transfers/uploads``) record their POSTs and
+PATCHes as uploads and DELETEs as deletions; HEAD and OPTIONS only describe an upload.
+A route may name its own kind in ``request.state.audit_kind``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from app.services.security import Principal
 SECURITY_STATUSES = frozenset({401, 403, 429})
 
 
+_UPLOAD_KINDS = {"POST": "upload", "PATCH": "upload", "DELETE": "delete"}
+
+
 def _kind(method: str, template: str | None, state: dict[str, Any]) -> str | None:
     declared = state.get("audit_kind")
     if isinstance(declared, str):
@@ -34,6 +39,8 @@ def _kind(method: str, template: str | None, state: dict[str, Any]) -> str | Non
         return None
     if template == "/audit":
         return "audit"
+    if template.startswith("/transfers/uploads"):
+        return _UPLOAD_KINDS.get(method)
     if not template.startswith("/dicomweb/"):
         return None
     if method == "POST":

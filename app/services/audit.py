@@ -109,7 +109,8 @@ class AccessFacts:
     client: str | None
     actor: str | None
     trust: str | None
-    kind: str  # "store", "retrieve", "metadata", "query", "export", "delete", "audit", "other"
+    kind: str  # "store", "upload", "retrieve", "metadata", "query", "export", "delete", "audit",
+    # or "other"
     objects: Sequence[ObjectRef] = ()
     query: Sequence[tuple[str, str]] = ()
     bytes_received: int = 0
@@ -119,6 +120,8 @@ class AccessFacts:
 
 _ACTIONS = {
     "store": (INSTANCES_TRANSFERRED, "C"),
+    # Bytes of a resumable upload arriving: data transferred in, created on completion.
+    "upload": (INSTANCES_TRANSFERRED, "C"),
     "retrieve": (INSTANCES_TRANSFERRED, "R"),
     "metadata": (INSTANCES_ACCESSED, "R"),
     "query": (QUERY, "E"),
