@@ -67,12 +67,6 @@ def swap_to_little_endian(ds: Dataset, bits_allocated: int | None = None) -> Non
             elem.value = byteswap(elem.value, width or SWAP_WIDTHS[elem.VR])
 
 
-def can_transcode(source: str, target: str) -> bool:
-    return source == target or (
-        target == ExplicitVRLittleEndian and source in UNCOMPRESSED_SYNTAXES
-    )
-
-
 def to_explicit_vr_little_endian(fp: IO[bytes]) -> bytes:
     """The Part 10 object in ``fp`` re-encoded as Explicit VR Little Endian."""
     ds = dcmread(fp)
