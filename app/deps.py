@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
+from app.services.ingest import UploadIngest
 from app.services.qido import QidoService
 from app.services.security import Credentials, Principal, Role, Security
 from app.services.stow import StowService
@@ -31,6 +32,7 @@ class Services:
     wado: WadoService
     qido: QidoService
     uploads: ResumableUploads
+    ingest: UploadIngest
     metrics: Metrics
     security: Security
 

@@ -22,6 +22,8 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.routers.api import api_router
 from app.routers.auditing import AuditMiddleware
 from app.routers.uploads import TUS_EXPOSED_HEADERS
+from app.services.housekeeping import Housekeeping
+from app.services.ingest import IngestPolicy, UploadIngest
 from app.services.keys import INDEX_FILE, exclusive, open_data_keys
 from app.services.qido import QidoService
 from app.services.security import RatePolicy, Security, SecurityPolicy
@@ -31,6 +33,7 @@ from app.settings import Settings
 from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
+from app.transfer.archives import ArchiveLimits, NonDicomPolicy
 from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
 from app.transfer.tus import ResumableUploads, UploadLimits
 
@@ -44,6 +47,18 @@ def _operation_id(route: APIRoute) -> str:
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _ingest_policy(settings: Settings) -> IngestPolicy:
+    return IngestPolicy(
+        ArchiveLimits(
+            max_members=settings.archive_max_members,
+            max_member_bytes=settings.max_instance_bytes,
+            max_total_bytes=settings.archive_max_total_bytes,
+            max_ratio=settings.archive_max_ratio,
+        ),
+        NonDicomPolicy(settings.non_dicom_members),
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -78,18 +93,25 @@ def create_app(settings: Settings) -> FastAPI:
                 keys.index_key,
             )
             running.push_async_callback(security.close)
+            stow = StowService(
+                store, index, StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold)
+            )
+            ingest = UploadIngest(uploads, stow, security.audit, _ingest_policy(settings))
+            uploads.on_complete = ingest.submit
+            await ingest.start()
+            running.push_async_callback(ingest.close)
+            housekeeping = Housekeeping(store, index, uploads, settings.upload_sweep_interval)
+            housekeeping.start()
+            running.push_async_callback(housekeeping.close)
             app.state.services = Services(
                 settings=settings,
                 store=store,
                 index=index,
-                stow=StowService(
-                    store,
-                    index,
-                    StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold),
-                ),
+                stow=stow,
                 wado=WadoService(store, index),
                 qido=QidoService(index),
                 uploads=uploads,
+                ingest=ingest,
                 metrics=metrics,
                 security=security,
             )

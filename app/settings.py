@@ -6,7 +6,7 @@ Never instantiated at import time: ``create_app`` and the CLI build a ``Settings
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,16 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=1024**3, gt=0)
     #: Seconds a resumable upload lives after its creation or last PATCH (``Upload-Expires``).
     upload_expiry: float = Field(default=24 * 3600.0, gt=0)
+    #: Seconds between sweeps that remove expired uploads and their chunks.
+    upload_sweep_interval: float = Field(default=300.0, gt=0)
+    #: Zip and tar uploads: the most entries, the largest total once unpacked, and the
+    #: highest compression ratio accepted (beyond: refused as a zip bomb).
+    archive_max_members: int = Field(default=100_000, gt=0)
+    archive_max_total_bytes: int = Field(default=4 * 1024**3, gt=0)
+    archive_max_ratio: float = Field(default=200.0, ge=1.0)
+    #: What to do with archive members that are not DICOM files (README, viewer software):
+    #: ``skip`` them and list them in the report, or ``refuse`` the whole upload.
+    non_dicom_members: Literal["skip", "refuse"] = "skip"
     #: Largest ``limit`` a QIDO-RS query may ask for.
     max_query_limit: int = Field(default=10_000, gt=0)
     #: Results returned when a QIDO-RS query gives no ``limit``.

@@ -59,7 +59,8 @@ async def test_final_upload_payload_is_the_partials_in_order(
     # Joined in another order than created: the final's order decides.
     order = [3, 0, 2, 1]
     final = await uploads.create("t", None, ZIP, Concat.FINAL, tuple(ids[i] for i in order))
-    assert final.complete and final.state is UploadState.COMPLETE
+    # All there: a final upload awaits ingest at once; its partials never do on their own.
+    assert final.complete and final.state is UploadState.VERIFYING
     payload = b"".join([data async for data in uploads.read_payload(final)])
     assert payload == b"".join(pieces[i] for i in order)
 
@@ -81,3 +82,52 @@ async def test_expiry_follows_the_clock_and_each_patch(
     await uploads.terminate("t", upload.id)
     with pytest.raises(NotFound):
         await uploads.get("t", upload.id)
+
+
+def blob_files(root: Path) -> set[str]:
+    return {p.name for p in (root / "blobs").rglob("*") if p.is_file()}
+
+
+async def test_sweep_removes_expired_uploads_and_their_chunks(
+    engine: tuple[ResumableUploads, Clock], tmp_path: Path
+) -> None:
+    uploads, clock = engine
+    stale = await uploads.create("t", 10, ZIP)
+    await uploads.append("t", stale.id, 0, chunks(b"abcd", 2))
+    clock.now += 30
+    fresh = await uploads.create("t", 10, ZIP)
+    await uploads.append("t", fresh.id, 0, chunks(b"efgh", 4))
+    assert len(blob_files(tmp_path)) == 2
+    clock.now += 31  # the stale one is 61 s past its last PATCH, the fresh one 31 s
+    assert await uploads.sweep() == 1
+    with pytest.raises(NotFound):
+        await uploads.get("t", stale.id)
+    assert (await uploads.get("t", fresh.id)).offset == 4
+    assert len(blob_files(tmp_path)) == 1
+    assert await uploads.sweep() == 0
+
+
+async def test_sweep_spares_uploads_awaiting_ingest_and_takes_partials_with_finals(
+    engine: tuple[ResumableUploads, Clock], tmp_path: Path
+) -> None:
+    uploads, clock = engine
+    waiting = await uploads.create("t", 3, ZIP)
+    waiting = await uploads.append("t", waiting.id, 0, chunks(b"xyz", 3))
+    assert waiting.state is UploadState.VERIFYING
+    partial = await uploads.create("t", 2, UploadMetadata(""), Concat.PARTIAL)
+    await uploads.append("t", partial.id, 0, chunks(b"pq", 2))
+    final = await uploads.create("t", None, ZIP, Concat.FINAL, (partial.id,))
+    await uploads.end_ingest(final, UploadState.FAILED, '{"error": "x"}')
+    clock.now += 61
+    # The final goes with its partial; the upload queued for ingest stays.
+    assert await uploads.sweep() == 1
+    for gone in (partial.id, final.id):
+        with pytest.raises(NotFound):
+            await uploads.get("t", gone)
+    # Past its expiry, but kept (and readable) until its ingest ends.
+    assert (await uploads.get("t", waiting.id)).state is UploadState.VERIFYING
+    assert len(blob_files(tmp_path)) == 1
+    await uploads.end_ingest(waiting, UploadState.COMPLETE, "{}")
+    assert blob_files(tmp_path) == set()  # ingested: the chunks are no longer needed
+    clock.now += 61
+    assert await uploads.sweep() == 1

@@ -205,7 +205,9 @@ async def create_upload(
     if with_body:
         _require_offset_stream(request)
         checksum = parse_checksum(request.headers.get("upload-checksum"))
-    upload = await services.uploads.create(principal.trust, length, metadata, concat, parts)
+    upload = await services.uploads.create(
+        principal.trust, length, metadata, concat, parts, actor=principal.actor
+    )
     location = f"{root}{PREFIX}/{upload.id}"
     request.state.tus_location = location
     if with_body:

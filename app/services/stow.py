@@ -1,8 +1,11 @@
-"""STOW-RS: store instances streamed in a request (PS3.18 §10.5).
+"""STOW-RS: store instances streamed in a request (PS3.18 §10.5), and the same pipeline for
+uploads ingested whole.
 
 Every part flows through one pipeline: stream to a staged blob while hashing, parse the
-header off the event loop, validate, then publish all good blobs and index them in one
-transaction. A part's failure never stops the others; a broken request stores nothing.
+header off the event loop, validate (``stage``), then publish all good blobs and index them
+in one transaction (``commit``). In a STOW-RS request a part's failure never stops the
+others; an ingested upload is all or nothing: one failure and nothing is kept. Either way a
+broken stream stores nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class FailedInstance:
     detail: str
     sop_uid: str | None = None
     sop_class_uid: str | None = None
+    #: Where the object came from: the part's Content-Location (an archive member's name).
+    source: str | None = None
 
 
 @dataclass
@@ -54,6 +59,8 @@ class StoreResult:
     stored: list[StoredInstanceRef] = field(default_factory=list)
     failed: list[FailedInstance] = field(default_factory=list)
     bytes_stored: int = 0
+    #: Of ``stored``, how many were already there byte for byte (a retried store).
+    already_stored: int = 0
 
     @property
     def http_status(self) -> int:
@@ -107,12 +114,22 @@ class _Staged:
     writer: BlobWriter
     sha256: str
     header: InstanceHeader
+    source: str | None
 
 
 @dataclass
 class _Examining:
     writer: BlobWriter
     task: asyncio.Task[_Staged | FailedInstance]
+
+
+@dataclass
+class Staging:
+    """Parts received and examined but not yet stored: blobs staged, nothing published."""
+
+    staged: list[_Staged]
+    #: Parts that cannot be stored, in the order they arrived.
+    failed: list[FailedInstance]
 
 
 class StowService:
@@ -151,16 +168,20 @@ class StowService:
     async def _run(
         self, trust: str, events: AsyncGenerator[PartEvent], study_uid: str | None
     ) -> StoreResult:
-        """Receive every part, then publish and index the good ones, or leave no trace.
+        return await self.commit(trust, await self.stage(trust, events, study_uid))
+
+    async def stage(
+        self, trust: str, events: AsyncGenerator[PartEvent], study_uid: str | None = None
+    ) -> Staging:
+        """Receive every part into a staged blob and examine it; publish nothing.
 
         Any exception (a broken body, a client that went away, a size limit, a disk
-        error, cancellation) discards every staged and published blob of the request
-        before it propagates, so a request is stored whole or not at all.
+        error, cancellation) discards every staged blob before it propagates.
         """
-        result = StoreResult()
+        failed: list[FailedInstance] = []
         examined: list[_Examining] = []
         try:
-            await self._receive(trust, events, study_uid, examined, result.failed)
+            await self._receive(trust, events, study_uid, examined, failed)
             outcomes = await asyncio.gather(*(e.task for e in examined))
         except BaseException:
             await _abort_all(examined)
@@ -168,22 +189,48 @@ class StowService:
         finally:
             # Close the body now, not whenever the garbage collector gets to it.
             await events.aclose()
+        # Failures above keep arrival order among themselves; staged parts keep theirs.
+        failed.extend(o for o in outcomes if isinstance(o, FailedInstance))
+        return Staging([o for o in outcomes if isinstance(o, _Staged)], failed)
 
-        staged = [o for o in outcomes if isinstance(o, _Staged)]
-        result.failed.extend(o for o in outcomes if isinstance(o, FailedInstance))
-        # Failures above keep request order among themselves; stored parts keep theirs.
+    async def discard(self, staging: Staging) -> None:
+        """Forget a staging that will not be committed."""
+        await self._discard([s.writer for s in staging.staged])
+
+    async def commit(
+        self, trust: str, staging: Staging, *, all_or_nothing: bool = False
+    ) -> StoreResult:
+        """Publish the staged blobs and index them in one transaction.
+
+        With ``all_or_nothing`` a single failure (staged or found while indexing, such as a
+        conflicting SOP Instance UID) stores nothing: the result then lists the failures and
+        no stored instance.
+        """
+        result = StoreResult(failed=list(staging.failed))
+        staged = staging.staged
+        if all_or_nothing and result.failed:
+            await self.discard(staging)
+            return result
         try:
             await self._publish(staged)
             added = await self._index.add_instances(
                 [
                     InstanceRecord(trust, s.header, s.writer.key, s.writer.size, s.sha256)
                     for s in staged
-                ]
+                ],
+                all_or_nothing=all_or_nothing,
             )
         except BaseException:
             # Published but never indexed: unreachable, so remove them again.
             await self._discard([s.writer for s in staged])
             raise
+        if all_or_nothing and AddOutcome.CONFLICT in added:
+            # Nothing was indexed: the transaction rolled back.
+            await self._discard([s.writer for s in staged])
+            result.failed += [
+                _conflict(s) for s, o in zip(staged, added, strict=True) if o is AddOutcome.CONFLICT
+            ]
+            return result
         for s, outcome in zip(staged, added, strict=True):
             h = s.header
             if outcome is AddOutcome.STORED:
@@ -191,15 +238,9 @@ class StowService:
             else:
                 await self._delete_unreferenced(s.writer.key)
             if outcome is AddOutcome.CONFLICT:
-                result.failed.append(
-                    FailedInstance(
-                        FailureReason.DUPLICATE_SOP_INSTANCE,
-                        "a different object is already stored under this SOP Instance UID",
-                        h.sop_uid,
-                        h.sop_class_uid,
-                    )
-                )
+                result.failed.append(_conflict(s))
             else:
+                result.already_stored += outcome is AddOutcome.ALREADY_STORED
                 result.stored.append(
                     StoredInstanceRef(h.study_uid, h.series_uid, h.sop_uid, h.sop_class_uid)
                 )
@@ -217,6 +258,7 @@ class StowService:
         writer: BlobWriter | None = None
         hasher = hashlib.sha256()
         rejected: FailedInstance | None = None
+        source: str | None = None
         limit = self._limits.max_instance_bytes
         try:
             async for event in events:
@@ -229,17 +271,21 @@ class StowService:
                         rejected = FailedInstance(
                             FailureReason.OUT_OF_RESOURCES,
                             f"the object exceeds the limit of {limit} bytes",
+                            source=source,
                         )
                         continue
                     hasher.update(event.data)
                     await writer.write(event.data)
                 elif isinstance(event, PartStart):
-                    rejected = _check_part_type(event.headers)
+                    source = event.headers.get("content-location")
+                    rejected = _check_part_type(event.headers, source)
                     if rejected is None:
                         writer = await self._store.create(trust)
                         hasher = hashlib.sha256()
                 elif writer is not None:  # PartEnd
-                    task = asyncio.create_task(self._examine(writer, hasher.hexdigest(), study_uid))
+                    task = asyncio.create_task(
+                        self._examine(writer, hasher.hexdigest(), study_uid, source)
+                    )
                     examined.append(_Examining(writer, task))
                     writer = None
                     await _bound([e.task for e in examined])
@@ -252,14 +298,14 @@ class StowService:
                 await writer.abort()
 
     async def _examine(
-        self, writer: BlobWriter, sha256: str, study_uid: str | None
+        self, writer: BlobWriter, sha256: str, study_uid: str | None, source: str | None
     ) -> _Staged | FailedInstance:
         try:
             await writer.finish()
             header = await asyncio.to_thread(self._parse, writer)
         except InvalidInstance as exc:
             await writer.abort()
-            return FailedInstance(exc.reason, exc.detail)
+            return FailedInstance(exc.reason, exc.detail, source=source)
         except BaseException:
             await writer.abort()
             raise
@@ -270,8 +316,9 @@ class StowService:
                 f"Study Instance UID {header.study_uid} differs from {study_uid} in the URL",
                 header.sop_uid,
                 header.sop_class_uid,
+                source,
             )
-        return _Staged(writer, sha256, header)
+        return _Staged(writer, sha256, header, source)
 
     def _parse(self, writer: BlobWriter) -> InstanceHeader:
         with writer.open_staged() as fp:
@@ -313,7 +360,7 @@ class StowService:
             log.exception("could not remove unreferenced blob %s", key)
 
 
-def _check_part_type(headers: dict[str, str]) -> FailedInstance | None:
+def _check_part_type(headers: dict[str, str], source: str | None) -> FailedInstance | None:
     raw = headers.get("content-type")
     if raw is None:
         return None  # the root "type" parameter applies (RFC 2387 §3.1)
@@ -322,8 +369,19 @@ def _check_part_type(headers: dict[str, str]) -> FailedInstance | None:
         return FailedInstance(
             FailureReason.TRANSFER_SYNTAX_NOT_SUPPORTED,
             f"part media type {raw[:100]!r} is not {DICOM}",
+            source=source,
         )
     return None
+
+
+def _conflict(s: _Staged) -> FailedInstance:
+    return FailedInstance(
+        FailureReason.DUPLICATE_SOP_INSTANCE,
+        "a different object is already stored under this SOP Instance UID",
+        s.header.sop_uid,
+        s.header.sop_class_uid,
+        s.source,
+    )
 
 
 async def _bound(tasks: list[asyncio.Task[Any]]) -> None:

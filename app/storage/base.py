@@ -51,6 +51,10 @@ class InstanceStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    def keys(self, older_than: float) -> AsyncIterator[list[str]]:
+        """The keys of committed blobs last written before ``older_than`` (epoch seconds), in
+        batches: what reclaiming unreferenced blobs walks."""
+
     async def check(self) -> None:
         """Raise ``ServiceUnavailable`` when the store cannot be written."""
 
@@ -103,8 +107,12 @@ class IndexStats:
 
 
 class MetadataIndex(Protocol):
-    async def add_instances(self, records: Sequence[InstanceRecord]) -> list[AddOutcome]:
-        """Add records in one transaction; one outcome per record, in order."""
+    async def add_instances(
+        self, records: Sequence[InstanceRecord], *, all_or_nothing: bool = False
+    ) -> list[AddOutcome]:
+        """Add records in one transaction; one outcome per record, in order. With
+        ``all_or_nothing`` a ``CONFLICT`` rolls the whole transaction back (the outcomes
+        still say which records conflicted)."""
 
     async def get_instances(
         self,
@@ -128,6 +136,9 @@ class MetadataIndex(Protocol):
         """One page of QIDO-RS matches within ``trust``, in a stable order (PS3.18 §10.6)."""
 
     async def stats(self) -> IndexStats: ...
+
+    async def blob_keys(self) -> set[str]:
+        """Every blob key the index references."""
 
     async def check(self) -> None: ...
 

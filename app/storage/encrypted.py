@@ -42,6 +42,8 @@ class _InnerStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    def keys(self, older_than: float) -> AsyncIterator[list[str]]: ...
+
     async def check(self) -> None: ...
 
 
@@ -127,6 +129,9 @@ class EncryptedInstanceStore:
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)
+
+    def keys(self, older_than: float) -> AsyncIterator[list[str]]:
+        return self._inner.keys(older_than)
 
     async def check(self) -> None:
         await self._inner.check()

@@ -118,6 +118,22 @@ def _publish(staged: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir())
+
+
+def _blobs_before(directory: Path, older_than: float) -> list[str]:
+    keys = []
+    for entry in os.scandir(directory):
+        if len(entry.name) == 32 and _KEY_CHARS.issuperset(entry.name):
+            try:
+                if entry.stat().st_mtime < older_than:
+                    keys.append(entry.name)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+    return keys
+
+
 class FileInstanceStore:
     """``InstanceStore`` on a local filesystem."""
 
@@ -171,6 +187,14 @@ class FileInstanceStore:
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.path_for(key).unlink, True)
+
+    async def keys(self, older_than: float) -> AsyncIterator[list[str]]:
+        # One two-level fan-out directory per thread hop keeps each batch small.
+        for top in await asyncio.to_thread(_subdirs, self.blob_dir):
+            for leaf in await asyncio.to_thread(_subdirs, top):
+                batch = await asyncio.to_thread(_blobs_before, leaf, older_than)
+                if batch:
+                    yield batch
 
     async def check(self) -> None:
         def probe() -> None:

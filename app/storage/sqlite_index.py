@@ -35,6 +35,13 @@ def _functions(conn: sqlite3.Connection) -> None:
     conn.create_function("iex_caseless", 1, caseless_name, deterministic=True)
 
 
+class _RolledBack(Exception):
+    """Raised inside a transaction to undo it while still returning its outcomes."""
+
+    def __init__(self, outcomes: list[AddOutcome]) -> None:
+        self.outcomes = outcomes
+
+
 class SQLiteMetadataIndex:
     def __init__(self, path: Path, key: bytes | None = None) -> None:
         self._db = SQLiteDatabase(
@@ -49,12 +56,22 @@ class SQLiteMetadataIndex:
 
     # -- writes -------------------------------------------------------------------------
 
-    async def add_instances(self, records: Sequence[InstanceRecord]) -> list[AddOutcome]:
+    async def add_instances(
+        self, records: Sequence[InstanceRecord], *, all_or_nothing: bool = False
+    ) -> list[AddOutcome]:
         if not records:
             return []
-        return await self._db.write(
-            lambda conn: transaction(conn, lambda c: [self._add_one(c, r) for r in records])
-        )
+
+        def add_all(conn: sqlite3.Connection) -> list[AddOutcome]:
+            outcomes = [self._add_one(conn, r) for r in records]
+            if all_or_nothing and AddOutcome.CONFLICT in outcomes:
+                raise _RolledBack(outcomes)
+            return outcomes
+
+        try:
+            return await self._db.write(lambda conn: transaction(conn, add_all))
+        except _RolledBack as rolled_back:
+            return rolled_back.outcomes
 
     def _add_one(self, conn: sqlite3.Connection, record: InstanceRecord) -> AddOutcome:
         h = record.header
@@ -219,6 +236,11 @@ class SQLiteMetadataIndex:
             lambda c: c.execute("SELECT instances, bytes FROM counters WHERE id = 1").fetchone()
         )
         return IndexStats(instances=row[0], bytes=row[1])
+
+    async def blob_keys(self) -> set[str]:
+        return await self._on_reader(
+            lambda c: {str(r[0]) for r in c.execute("SELECT blob_key FROM instances")}
+        )
 
     async def check(self) -> None:
         try:

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     final_id TEXT,
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    actor TEXT
 );
 CREATE TABLE IF NOT EXISTS chunks (
     upload_id TEXT NOT NULL REFERENCES uploads (id) ON DELETE CASCADE,
@@ -40,10 +41,18 @@ CREATE TABLE IF NOT EXISTS chunks (
     blob_key TEXT NOT NULL,
     PRIMARY KEY (upload_id, start)
 );
+-- What ingest made of an upload: counts, stored UIDs, failures (JSON, see app.transfer.report).
+CREATE TABLE IF NOT EXISTS reports (
+    upload_id TEXT PRIMARY KEY REFERENCES uploads (id) ON DELETE CASCADE,
+    report TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_by_state ON uploads (state);
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires_at);
 """
 
 _COLUMNS = (
-    "id, trust, length, received, metadata, concat, parts, final_id, state, created_at, expires_at"
+    "id, trust, length, received, metadata, concat, parts, final_id, state, created_at, "
+    "expires_at, actor"
 )
 
 
@@ -66,7 +75,20 @@ def _setup(conn: sqlite3.Connection) -> None:
 
 
 def _upload(row: tuple[object, ...]) -> Upload:
-    uid, trust, length, received, metadata, concat, parts, final_id, state, created, expires = row
+    (
+        uid,
+        trust,
+        length,
+        received,
+        metadata,
+        concat,
+        parts,
+        final_id,
+        state,
+        created,
+        expires,
+        actor,
+    ) = row
     return Upload(
         id=str(uid),
         trust=str(trust),
@@ -79,6 +101,7 @@ def _upload(row: tuple[object, ...]) -> Upload:
         state=UploadState(state),
         created_at=float(str(created)),
         expires_at=float(str(expires)),
+        actor=None if actor is None else str(actor),
     )
 
 
@@ -87,7 +110,13 @@ class SQLiteUploadState:
         self._db = SQLiteDatabase(path, name="uploads", key=key, read_threads=2, setup=_setup)
 
     async def open(self) -> None:
-        await self._db.write(lambda conn: conn.executescript(SCHEMA))
+        def create(conn: sqlite3.Connection) -> None:
+            conn.executescript(SCHEMA)
+            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(uploads)")}
+            if "actor" not in columns:  # a state file from before uploads recorded who
+                conn.execute("ALTER TABLE uploads ADD COLUMN actor TEXT")
+
+        await self._db.write(create)
 
     async def insert(self, upload: Upload, joins: tuple[str, ...] = ()) -> None:
         """Record a new upload; a final one also claims its partials (``joins``), which
@@ -95,7 +124,7 @@ class SQLiteUploadState:
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO uploads ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO uploads ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     upload.id,
                     upload.trust,
@@ -108,6 +137,7 @@ class SQLiteUploadState:
                     upload.state.value,
                     upload.created_at,
                     upload.expires_at,
+                    upload.actor,
                 ),
             )
             for part in joins:
@@ -173,6 +203,90 @@ class SQLiteUploadState:
             return keys
 
         return await self._db.write(lambda conn: transaction(conn, run))
+
+    async def set_state(
+        self,
+        upload_id: str,
+        state: UploadState,
+        *,
+        expires_at: float | None = None,
+        report: str | None = None,
+    ) -> None:
+        """Move an upload to ``state`` (optionally a new expiry and its report) in one
+        transaction; a vanished upload is ``StaleOffset``."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            moved = conn.execute(
+                "UPDATE uploads SET state = ?, expires_at = COALESCE(?, expires_at) WHERE id = ?",
+                (state.value, expires_at, upload_id),
+            )
+            if moved.rowcount != 1:
+                raise StaleOffset(upload_id)
+            if report is not None:
+                conn.execute(
+                    "INSERT INTO reports (upload_id, report) VALUES (?, ?) "
+                    "ON CONFLICT (upload_id) DO UPDATE SET report = excluded.report",
+                    (upload_id, report),
+                )
+
+        await self._db.write(lambda conn: transaction(conn, run))
+
+    async def report(self, upload_id: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT report FROM reports WHERE upload_id = ?", (upload_id,)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._db.read(run)
+
+    async def in_state(self, *states: UploadState) -> list[Upload]:
+        """Uploads in any of ``states``, oldest first (ingest resumes them after a restart)."""
+
+        def run(conn: sqlite3.Connection) -> list[Upload]:
+            marks = ",".join("?" * len(states))
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM uploads WHERE state IN ({marks}) ORDER BY created_at",
+                [s.value for s in states],
+            ).fetchall()
+            return [_upload(r) for r in rows]
+
+        return await self._db.read(run)
+
+    async def expired(self, now: float, limit: int = 500) -> list[Upload]:
+        """Uploads past their expiry that no final upload or ingest still needs."""
+
+        def run(conn: sqlite3.Connection) -> list[Upload]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM uploads WHERE expires_at <= ? AND final_id IS NULL "
+                "AND state NOT IN (?, ?) ORDER BY expires_at LIMIT ?",
+                (now, UploadState.VERIFYING.value, UploadState.INGESTING.value, limit),
+            ).fetchall()
+            return [_upload(r) for r in rows]
+
+        return await self._db.read(run)
+
+    async def drop_chunks(self, upload_ids: list[str]) -> list[str]:
+        """Forget the chunks of uploads whose bytes are no longer needed (ingested); the
+        uploads and their reports stay. The blob keys the caller should now delete."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            keys: list[str] = []
+            for uid in upload_ids:
+                rows = conn.execute("SELECT blob_key FROM chunks WHERE upload_id = ?", (uid,))
+                keys += [str(r[0]) for r in rows]
+                conn.execute("DELETE FROM chunks WHERE upload_id = ?", (uid,))
+            return keys
+
+        return await self._db.write(lambda conn: transaction(conn, run))
+
+    async def blob_keys(self) -> set[str]:
+        """Every blob key a chunk names (for reclaiming blobs nothing references)."""
+
+        def run(conn: sqlite3.Connection) -> set[str]:
+            return {str(r[0]) for r in conn.execute("SELECT blob_key FROM chunks")}
+
+        return await self._db.read(run)
 
     async def close(self) -> None:
         await self._db.close()

@@ -18,12 +18,18 @@ only by compare-and-set in SQL, so two writers can never both record a chunk at 
 
 Expiration (§Expiration): every upload expires ``expiry`` after its creation or its last
 PATCH; a partial joined to a final takes the final's expiry. Expired uploads answer 410
-until a sweeper (later) removes them; termination works on them all the same.
+until ``sweep`` removes them; termination works on them all the same. An upload queued for
+or under ingest never expires meanwhile; once ingested, its report lives another ``expiry``.
+
+Completion: when the last byte of a plain or final upload is recorded, the upload moves to
+``verifying`` and ``on_complete`` is called with it; the ingest service (above this layer)
+takes it from there and reports back through ``begin_ingest`` and ``end_ingest``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +45,7 @@ from app.errors import (
     PayloadTooLarge,
 )
 from app.storage.base import BlobWriter, InstanceStore
+from app.transfer.payload import ChunkedPayload
 from app.transfer.state import Chunk, SQLiteUploadState, StaleOffset
 from app.transfer.uploads import (
     Checksum,
@@ -85,6 +92,8 @@ class ResumableUploads:
         self.limits = limits
         self._clock = clock
         self._writing: set[str] = set()
+        #: Called with each upload whose bytes are all there and that awaits ingest.
+        self.on_complete: Callable[[Upload], None] = lambda upload: None
 
     # -- creation (§Creation, §Concatenation) ---------------------------------------------
 
@@ -95,6 +104,7 @@ class ResumableUploads:
         metadata: UploadMetadata,
         concat: Concat = Concat.NONE,
         parts: tuple[str, ...] = (),
+        actor: str | None = None,
     ) -> Upload:
         """A new upload of ``trust``. A final upload is complete at once: its partials must
         all be complete (``concatenation-unfinished`` is not offered)."""
@@ -116,6 +126,7 @@ class ResumableUploads:
             )
         now = self._clock()
         final = concat is Concat.FINAL
+        received = final or length == 0
         upload = Upload(
             id=new_upload_id(),
             trust=trust,
@@ -125,14 +136,17 @@ class ResumableUploads:
             concat=concat,
             parts=parts,
             joined_to=None,
-            state=UploadState.COMPLETE if final or length == 0 else UploadState.RECEIVING,
+            state=_received_state(concat) if received else UploadState.RECEIVING,
             created_at=now,
             expires_at=now + self.limits.expiry,
+            actor=actor,
         )
         try:
             await self._state.insert(upload, joins=parts)
         except StaleOffset as exc:
             raise Conflict(f"partial upload {exc} was joined by another final upload") from exc
+        if upload.state is UploadState.VERIFYING:
+            self.on_complete(upload)
         return upload
 
     async def _joinable(self, trust: str, part: str) -> int:
@@ -160,7 +174,7 @@ class ResumableUploads:
     async def get(self, trust: str, upload_id: str) -> Upload:
         """The upload, or 404 (unknown, another trust's, terminated) or 410 (expired)."""
         upload = await self._find(trust, upload_id)
-        if self._clock() >= upload.expires_at:
+        if self._clock() >= upload.expires_at and not upload.state.ingest_pending:
             raise Gone("the upload has expired")
         return upload
 
@@ -242,7 +256,8 @@ class ResumableUploads:
 
     async def _record(self, upload: Upload, chunk: Chunk) -> Upload:
         offset = chunk.start + chunk.length
-        state = UploadState.COMPLETE if offset == upload.length else UploadState.RECEIVING
+        done = offset == upload.length
+        state = _received_state(upload.concat) if done else UploadState.RECEIVING
         expires_at = self._clock() + self.limits.expiry
         try:
             await self._state.add_chunk(upload.id, chunk, state, expires_at)
@@ -255,7 +270,10 @@ class ResumableUploads:
             raise OffsetMismatch(
                 "the upload moved on while this chunk was written", current.offset
             ) from None
-        return dataclasses.replace(upload, offset=offset, state=state, expires_at=expires_at)
+        updated = dataclasses.replace(upload, offset=offset, state=state, expires_at=expires_at)
+        if state is UploadState.VERIFYING:
+            self.on_complete(updated)
+        return updated
 
     # -- termination (§Termination) -------------------------------------------------------
 
@@ -267,19 +285,80 @@ class ResumableUploads:
                 f"this partial upload belongs to final upload {upload.joined_to}; "
                 "terminate that one"
             )
+        if upload.state.ingest_pending:
+            raise Conflict("the upload is being ingested; terminate it once its report is final")
         # State first: once it is gone nothing names the blobs, so deleting them is safe.
         for key in await self._state.delete([upload.id, *upload.parts]):
             await self._store.delete(key)
 
-    # -- the assembled payload, for ingest ------------------------------------------------
+    # -- ingest (the service above drives it) --------------------------------------------
+
+    async def pending_ingest(self) -> list[Upload]:
+        """Uploads whose ingest was queued or running when the process stopped."""
+        return await self._state.in_state(UploadState.VERIFYING, UploadState.INGESTING)
+
+    async def begin_ingest(self, upload: Upload) -> Upload:
+        await self._state.set_state(upload.id, UploadState.INGESTING)
+        return dataclasses.replace(upload, state=UploadState.INGESTING)
+
+    async def end_ingest(self, upload: Upload, state: UploadState, report: str) -> None:
+        """Record the outcome and report of an ingest and delete the payload's chunks: what
+        they held is now in the store, or was refused. The report lives ``expiry`` more."""
+        expires_at = self._clock() + self.limits.expiry
+        await self._state.set_state(upload.id, state, expires_at=expires_at, report=report)
+        for key in await self._state.drop_chunks([upload.id, *upload.parts]):
+            await self._store.delete(key)
+
+    async def report(self, trust: str, upload_id: str) -> tuple[Upload, str | None]:
+        """The upload and its stored ingest report (None before ingest ended)."""
+        upload = await self.get(trust, upload_id)
+        return upload, await self._state.report(upload.id)
+
+    async def payload_pieces(self, upload: Upload) -> list[tuple[int, str]]:
+        """(length, blob key) of each chunk in payload order: a final upload's partials in
+        the order of its ``Upload-Concat``."""
+        pieces: list[tuple[int, str]] = []
+        for uid in upload.parts or (upload.id,):
+            pieces += [(c.length, c.blob_key) for c in await self._state.chunks(uid)]
+        return pieces
+
+    async def open_payload(self, upload: Upload) -> ChunkedPayload:
+        """The payload as one blocking, seekable file (for archive readers in worker
+        threads); chunks are opened and decrypted only as reads reach them."""
+        return ChunkedPayload(
+            [
+                (length, functools.partial(self._store.open_blocking, key))
+                for length, key in await self.payload_pieces(upload)
+            ]
+        )
 
     async def read_payload(self, upload: Upload) -> AsyncIterator[bytes]:
-        """The upload's bytes in order, decrypted chunk by chunk (a final upload: its
-        partials in the order of its ``Upload-Concat``)."""
-        for uid in upload.parts or (upload.id,):
-            for chunk in await self._state.chunks(uid):
-                async for data in self._store.read(chunk.blob_key):
-                    yield data
+        """The upload's bytes in order, decrypted chunk by chunk."""
+        for _, key in await self.payload_pieces(upload):
+            async for data in self._store.read(key):
+                yield data
+
+    # -- expiry (§Expiration) -------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Remove expired uploads and their chunks; how many were removed."""
+        removed = 0
+        while expired := await self._state.expired(self._clock()):
+            for upload in expired:
+                for key in await self._state.delete([upload.id, *upload.parts]):
+                    await self._store.delete(key)
+            removed += len(expired)
+        return removed
+
+    async def blob_keys(self) -> set[str]:
+        """Every blob an upload still needs."""
+        return await self._state.blob_keys()
+
+
+def _received_state(concat: Concat) -> UploadState:
+    """Where an upload goes once all its bytes are stored: a partial waits to be joined,
+    anything else awaits ingest."""
+    return UploadState.COMPLETE if concat is Concat.PARTIAL else UploadState.VERIFYING
 
 
 async def _receive(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from app.dicom.media import DICOM, MULTIPART_RELATED, parse_media_type
+from app.dicom.multipart import validate_boundary
 from app.errors import BadRequest, NotFound
 
 TUS_VERSION = "1.0.0"
@@ -45,11 +46,24 @@ _DIGEST_SIZES = {"sha1": 20, "sha256": 32}
 
 
 class UploadState(Enum):
-    """Where an upload stands. Ingest (a later step) moves ``complete`` on."""
+    """Where an upload stands.
+
+    ``receiving`` until the last byte is stored; then ``verifying`` (queued for ingest, the
+    whole-payload sha256 being checked), ``ingesting``, and ``complete`` or ``failed``. A
+    partial upload (§Concatenation) is never ingested on its own: it goes from ``receiving``
+    straight to ``complete`` and waits to be joined.
+    """
 
     RECEIVING = "receiving"
+    VERIFYING = "verifying"
+    INGESTING = "ingesting"
     COMPLETE = "complete"
     FAILED = "failed"
+
+    @property
+    def ingest_pending(self) -> bool:
+        """Queued or running: such an upload is neither terminated nor swept meanwhile."""
+        return self in (UploadState.VERIFYING, UploadState.INGESTING)
 
 
 class Concat(Enum):
@@ -80,6 +94,8 @@ class UploadMetadata:
     filename: str | None = None
     sha256: str | None = None
     trust: str | None = None
+    #: The multipart boundary, when ``content-type`` is multipart and names one.
+    boundary: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,8 @@ class Upload:
     state: UploadState
     created_at: float
     expires_at: float
+    #: Who created it (a token id or ``partner:<name>``), for the audit trail of its ingest.
+    actor: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -144,9 +162,11 @@ def parse_metadata(text: str | None) -> UploadMetadata:
     sha256 = values.get("sha256") or None
     if sha256 is not None and not _SHA256_HEX.fullmatch(sha256.lower()):
         raise BadRequest("Upload-Metadata sha256 must be 64 hexadecimal digits")
+    kind, boundary = _payload_type(content_type) if content_type else (None, None)
     return UploadMetadata(
         raw=text.strip(),
-        content_type=_payload_type(content_type) if content_type else None,
+        content_type=kind,
+        boundary=boundary,
         filename=values.get("filename") or None,
         sha256=sha256.lower() if sha256 else None,
         trust=values.get("trust") or None,
@@ -160,14 +180,22 @@ def _decode_value(key: str, value: str) -> str:
         raise BadRequest(f"Upload-Metadata value of {key!r} is not base64 of UTF-8") from exc
 
 
-def _payload_type(text: str) -> str:
+def _payload_type(text: str) -> tuple[str, str | None]:
+    """The payload kind and, for multipart, the boundary if the uploader gave one (without
+    it, ingest takes the delimiter from the payload's first line)."""
     media = parse_media_type(text)
     if media is not None and media.mime in (ZIP, TAR) and not media.params:
-        return media.mime
+        return media.mime, None
     if media is not None and media.mime == MULTIPART_RELATED:
         root = parse_media_type(media.params.get("type", ""))
-        if root is not None and root.mime == DICOM and set(media.params) == {"type"}:
-            return DICOM_MULTIPART
+        if root is not None and root.mime == DICOM and set(media.params) <= {"type", "boundary"}:
+            boundary = media.params.get("boundary")
+            if boundary is not None:
+                try:
+                    validate_boundary(boundary)
+                except BadRequest as exc:
+                    raise BadRequest(f"Upload-Metadata content-type: {exc.detail}") from exc
+            return DICOM_MULTIPART, boundary
     raise BadRequest(
         f"Upload-Metadata content-type {text[:100]!r} is not supported; "
         f"use {ZIP}, {TAR} or {DICOM_MULTIPART}"
