@@ -83,6 +83,11 @@ class DecryptingReader(io.RawIOBase):
                 # is released even on failure, or the mapping could not be closed.
                 with self._map[offset : offset + want] as ciphertext:
                     self._cached = self._opener.open(index, ciphertext)
+                # Pages read stay mapped, and counted in the resident set, until dropped:
+                # an object of 1 GB read end to end would otherwise look like 1 GB of memory.
+                # They stay in the page cache; reading them again only faults them back.
+                assert self._mmap is not None
+                _drop_pages(self._mmap, offset, want)
             else:
                 self._raw.seek(offset)
                 self._cached = self._opener.open(index, self._raw.read(want))
@@ -125,6 +130,14 @@ class DecryptingReader(io.RawIOBase):
                 self._mmap = None
             self._raw.close()
         super().close()
+
+
+def _drop_pages(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap the whole pages within [offset, offset + length) from this process."""
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _has_fileno(raw: IO[bytes]) -> bool:
