@@ -113,7 +113,9 @@ class FailingIndex:
         self.error = error
         self.calls = 0
 
-    async def add_instances(self, records: Sequence[InstanceRecord]) -> list[AddOutcome]:
+    async def add_instances(
+        self, records: Sequence[InstanceRecord], *, all_or_nothing: bool = False
+    ) -> list[AddOutcome]:
         self.calls += 1
         raise self.error
 
