@@ -47,13 +47,14 @@ MB = 1_000_000
 
 
 def write_zip(path: Path, size_bytes: int, instance_bytes: int) -> int:
-    """A stored zip of one study, ~``size_bytes`` long; the number of instances."""
+    """A stored zip of one study, just under ``size_bytes``; the number of instances."""
     side = max(16, int((instance_bytes / 2) ** 0.5))
     ds = _template(side, side)
     ds.StudyInstanceUID = generate_uid()
     count = 0
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-        while path.stat().st_size < size_bytes or count == 0:
+        # Stop one instance short of the size: 1 GiB is also the gateway's default maximum.
+        while path.stat().st_size + 2 * instance_bytes < size_bytes or count == 0:
             if count % 200 == 0:
                 ds.SeriesInstanceUID = generate_uid()
             ds.SOPInstanceUID = generate_uid()
