@@ -10,10 +10,8 @@ other test checks the transfer itself, through ``HEAD`` offsets.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -32,10 +30,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydicom.uid import generate_uid
 
 from app.transfer.sources import (
@@ -54,8 +48,10 @@ from app.transfer.tus_client import (
     UploadMismatch,
     UploadRejected,
 )
-from tests.helpers import IexServer, TlsFiles, free_port, make_instance
+from tests.helpers import IexServer, free_port, make_instance
+from tests.pki import server_tls
 from tests.proxy import FaultProxy
+from tests.transfer_helpers import split_multipart
 
 CHUNK = 64 * 1024
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -164,19 +160,9 @@ def retrieved(server: IexServer, study: Study) -> dict[str, str]:
                 headers={"Accept": AS_STORED},
             )
             assert r.status_code == 200, r.text
-            (part,) = multipart_parts(r)
+            (part,) = split_multipart(r)
             digests[sop] = hashlib.sha256(part).hexdigest()
     return digests
-
-
-def multipart_parts(response: httpx.Response) -> list[bytes]:
-    params = [p.strip() for p in response.headers["content-type"].split(";")[1:]]
-    boundary = next(p.split("=", 1)[1].strip('"') for p in params if p.startswith("boundary="))
-    body = response.content
-    opening, closing = f"--{boundary}\r\n".encode(), f"\r\n--{boundary}--\r\n".encode()
-    assert body.startswith(opening) and body.endswith(closing)
-    parts = body[len(opening) : -len(closing)].split(f"\r\n--{boundary}\r\n".encode())
-    return [p.partition(b"\r\n\r\n")[2] for p in parts]
 
 
 def assert_ingested(server: IexServer, url: str, study: Study) -> None:
@@ -627,57 +613,9 @@ def test_killed_command_payload_ingested(resumed_command: Outcome) -> None:
     assert_ingested(resumed_command.server, resumed_command.url, resumed_command.study)
 
 
-def tls_files(directory: Path) -> TlsFiles:
-    """A CA and a certificate for 127.0.0.1 signed by it (P-256, valid for a day)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "upload test CA")])
-
-    def certificate(
-        subject: x509.Name, public: ec.EllipticCurvePublicKey
-    ) -> x509.CertificateBuilder:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-
-    ca = (
-        certificate(ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    server = (
-        certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iex")]), key.public_key())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server.pem").write_bytes(server.public_bytes(pem))
-    private = serialization.PrivateFormat.PKCS8
-    (directory / "server.key").write_bytes(
-        key.private_bytes(pem, private, serialization.NoEncryption())
-    )
-    ca_pem = directory / "ca.pem"
-    return TlsFiles(directory / "server.pem", directory / "server.key", ca_pem, ca_pem)
-
-
 def test_command_trusts_the_ca_it_is_given(tmp_path: Path) -> None:
     (tmp_path / "pki").mkdir()
-    srv = IexServer(tmp_path / "data", tls=tls_files(tmp_path / "pki")).start()
+    srv = IexServer(tmp_path / "data", tls=server_tls(tmp_path / "pki")).start()
     try:
         study = study_folder(tmp_path / "src", count=2, rows=16)
         args = [str(study.folder), "--server", srv.url, "--no-wait"]

@@ -21,16 +21,9 @@ import pytest
 from tusclient.client import TusClient
 
 from tests.helpers import IexServer
+from tests.transfer_helpers import STREAM, TUS, metadata, tus_client
 
-TUS = {"Tus-Resumable": "1.0.0"}
-STREAM = {"Content-Type": "application/offset+octet-stream"}
 MISSING = "0123456789abcdef0123456789abcdef"
-
-
-def metadata(**values: str) -> str:
-    return ",".join(
-        f"{k.replace('_', '-')} {base64.b64encode(v.encode()).decode()}" for k, v in values.items()
-    )
 
 
 ZIP_META = metadata(content_type="application/zip", filename="scan.zip")
@@ -40,11 +33,6 @@ ZIP_META = metadata(content_type="application/zip", filename="scan.zip")
 def tus(server: IexServer) -> Iterator[httpx.Client]:
     with tus_client(server) as c:
         yield c
-
-
-def tus_client(server: IexServer, token: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token or server.token}", **TUS}
-    return httpx.Client(base_url=server.url, headers=headers, timeout=60)
 
 
 def create(c: httpx.Client, length: int, meta: str = ZIP_META, **headers: str) -> str:
