@@ -5,77 +5,60 @@ attributes the index searches on, the DICOM JSON metadata (PS3.18 Annex F) with 
 replaced by instance-relative BulkDataURIs, and where Pixel Data starts in the file, so
 frames can later be read by range without parsing the object again.
 
+Two routes give the same header. The raw route reads the first bytes of the file once and
+encodes the JSON straight from the encoded elements (``app.dicom.json_encoding``); it takes
+well-formed objects in the common encodings, several times faster. Anything it declines,
+and every object that is to be refused, takes the pydicom route
+(``read_instance_header_with_pydicom``), which decides and words the failure reason.
+Both check that the whole file is there (``app.dicom.structure``).
+
 Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import orjson
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from app.dicom.json_encoding import DatasetEncoder, JsonDataset, NeedMore, bulk_path
 from app.dicom.media import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
 from app.dicom.status import FailureReason
+from app.dicom.structure import (
+    LONG_VRS,
+    PIXEL_DATA_TAGS,
+    SHORT_VRS,
+    UNDEFINED_LENGTH,
+    Encoding,
+    InvalidInstance,
+    PixelDataLocation,
+    StructureWalker,
+)
 from app.dicom.uids import is_valid_uid
 
-PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
-UNDEFINED_LENGTH = 0xFFFFFFFF
-READ_CHUNK = 1024 * 1024
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
-#: Deeper nesting than this is hostile rather than clinical.
-MAX_SEQUENCE_DEPTH = 64
-_SHORT_VRS = {
-    b"AE",
-    b"AS",
-    b"AT",
-    b"CS",
-    b"DA",
-    b"DS",
-    b"DT",
-    b"FL",
-    b"FD",
-    b"IS",
-    b"LO",
-    b"LT",
-    b"PN",
-    b"SH",
-    b"SL",
-    b"SS",
-    b"ST",
-    b"TM",
-    b"UI",
-    b"UL",
-    b"US",
-}
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"SV",
-    b"UV",
-}
+__all__ = [
+    "INDEXED_KEYWORDS",
+    "InstanceHeader",
+    "InvalidInstance",
+    "PixelDataLocation",
+    "bulk_path",
+    "dataset_to_json",
+    "read_from_raw_elements",
+    "read_instance_header",
+    "read_instance_header_with_pydicom",
+]
 
 #: Attributes copied into the index for matching and for QIDO-RS responses.
 INDEXED_KEYWORDS = (
@@ -102,27 +85,6 @@ INDEXED_KEYWORDS = (
 )
 
 
-class InvalidInstance(Exception):
-    """The object cannot be stored; ``reason`` is its STOW-RS Failure Reason."""
-
-    def __init__(self, reason: FailureReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class PixelDataLocation:
-    """Where the Pixel Data element sits in the stored file."""
-
-    tag: int
-    vr: str
-    #: File offset of the value's first byte; ``None`` when the file is deflated.
-    value_offset: int | None
-    #: Value length in bytes, or ``None`` for undefined length (encapsulated).
-    value_length: int | None
-
-
 @dataclass(frozen=True)
 class InstanceHeader:
     study_uid: str
@@ -136,11 +98,6 @@ class InstanceHeader:
     pixel_data: PixelDataLocation | None = None
     number_of_frames: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def bulk_path(path: tuple[int | str, ...]) -> str:
-    """The instance-relative BulkDataURI for an element path (tags and item indexes)."""
-    return "bulk/" + "/".join(f"{p:08X}" if isinstance(p, int) else p for p in path)
 
 
 def dataset_to_json(
@@ -212,173 +169,18 @@ def _attribute(ds: Dataset, keyword: str) -> str | int | None:
     return text
 
 
-@dataclass(frozen=True)
-class _Encoding:
-    implicit: bool
-    big_endian: bool
-
-    @property
-    def endian(self) -> str:
-        return ">" if self.big_endian else "<"
-
-
-_META_ENCODING = _Encoding(implicit=False, big_endian=False)
-
-
-def _truncated(detail: str) -> InvalidInstance:
-    return InvalidInstance(FailureReason.CANNOT_UNDERSTAND, f"the object is truncated: {detail}")
-
-
-def _tag_text(tag: int) -> str:
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
-
-
-class _StructureWalker:
-    """Walks every element header of a Part 10 file, seeking over values (PS3.5 §7.1, §7.5).
-
-    pydicom reads a cut file without complaint when the cut falls in or after the last
-    element it needs, so this checks that every declared length fits in the file, that
-    every undefined-length sequence is closed, and that the data set ends where the file
-    does. It reads a few bytes per element, never a value.
-    """
-
-    def __init__(self, fp: IO[bytes], size: int) -> None:
-        self._fp = fp
-        self._size = size
-
-    def _read(self, pos: int, n: int, what: str) -> bytes:
-        self._fp.seek(pos)
-        data = self._fp.read(n)
-        if len(data) < n:
-            raise _truncated(f"the file ends at byte {self._size}, inside {what} at {pos}")
-        return data
-
-    def header(self, pos: int, enc: _Encoding) -> tuple[int, str, int, int]:
-        """``(tag, vr, length, header_length)`` of the element at ``pos``."""
-        head = self._read(pos, 8, "an element header")
-        group, elem = struct.unpack(enc.endian + "HH", head[:4])
-        tag = (group << 16) | elem
-        if enc.implicit or group == 0xFFFE:
-            (length,) = struct.unpack(enc.endian + "I", head[4:8])
-            return tag, "", length, 8
-        vr = head[4:6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack(enc.endian + "I", self._read(pos + 8, 4, "an element header"))
-            return tag, vr.decode("ascii"), length, 12
-        if vr in _SHORT_VRS:
-            (length,) = struct.unpack(enc.endian + "H", head[6:8])
-            return tag, vr.decode("ascii"), length, 8
-        raise InvalidInstance(
-            FailureReason.CANNOT_UNDERSTAND,
-            f"element {_tag_text(tag)} at byte {pos} has an unknown VR {vr!r}",
-        )
-
-    def skip_value(
-        self, pos: int, tag: int, vr: str, length: int, enc: _Encoding, depth: int
-    ) -> int:
-        """Position after the value that starts at ``pos``."""
-        if length != UNDEFINED_LENGTH:
-            end = pos + length
-            if end > self._size:
-                raise _truncated(
-                    f"element {_tag_text(tag)} declares {length} bytes but the file ends "
-                    f"{self._size - pos} bytes after its header"
-                )
-            return end
-        # Undefined length: a sequence or encapsulated pixel data; items until the
-        # Sequence Delimitation Item. UN of undefined length is Implicit VR LE (PS3.5 §6.2.2).
-        if depth >= MAX_SEQUENCE_DEPTH:
-            raise InvalidInstance(
-                FailureReason.CANNOT_UNDERSTAND,
-                f"sequences are nested deeper than {MAX_SEQUENCE_DEPTH} levels",
-            )
-        inner = _Encoding(True, False) if vr == "UN" else enc
-        while True:
-            item, _, item_length, _ = self.header(pos, inner)
-            pos += 8
-            if item == _SEQUENCE_END:
-                return pos
-            if item != _ITEM:
-                raise InvalidInstance(
-                    FailureReason.CANNOT_UNDERSTAND,
-                    f"sequence {_tag_text(tag)} holds {_tag_text(item)} at byte {pos - 8} "
-                    "where an item or the end of the sequence belongs",
-                )
-            if item_length != UNDEFINED_LENGTH:
-                pos = self.skip_value(pos, item, "", item_length, inner, depth + 1)
-                continue
-            while True:
-                sub, sub_vr, sub_length, header_length = self.header(pos, inner)
-                if sub == _ITEM_END:
-                    pos += 8
-                    break
-                pos = self.skip_value(
-                    pos + header_length, sub, sub_vr, sub_length, inner, depth + 1
-                )
-
-    def walk(self, transfer_syntax: str) -> PixelDataLocation | None:
-        """Check the whole file; return where top-level Pixel Data is (``None`` if absent).
-
-        Deflated objects are only checked to inflate completely; their pixel data has no
-        file offset.
-        """
-        pos = 132  # preamble and "DICM" (PS3.10 §7.1); dcmread has checked them
-        while self._size - pos >= 4:
-            (group,) = struct.unpack("<H", self._read(pos, 2, "an element header"))
-            if group != 0x0002:
-                break
-            tag, vr, length, header_length = self.header(pos, _META_ENCODING)
-            pos = self.skip_value(pos + header_length, tag, vr, length, _META_ENCODING, 0)
-        if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-            self._check_inflates(pos)
-            return None
-        enc = self._dataset_encoding(pos, transfer_syntax)
-        pixel = None
-        while pos < self._size:
-            rest = self._size - pos
-            if rest < 8 and not self._read(pos, rest, "the end").strip(b"\x00"):
-                break  # a few bytes of zero padding after the data set are harmless
-            tag, vr, length, header_length = self.header(pos, enc)
-            if pixel is None and tag in PIXEL_DATA_TAGS:
-                pixel = PixelDataLocation(
-                    tag=tag,
-                    vr=vr or "OW",
-                    value_offset=pos + header_length,
-                    value_length=None if length == UNDEFINED_LENGTH else length,
-                )
-            pos = self.skip_value(pos + header_length, tag, vr, length, enc, 0)
-        return pixel
-
-    def _dataset_encoding(self, pos: int, transfer_syntax: str) -> _Encoding:
-        big_endian = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
-        implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-        if self._size - pos >= 6:
-            # Like pydicom, believe the first element's bytes over a wrong transfer syntax.
-            looks_explicit = self._read(pos + 4, 2, "an element header") in (_SHORT_VRS | _LONG_VRS)
-            implicit = not looks_explicit
-        return _Encoding(implicit, big_endian)
-
-    def _check_inflates(self, pos: int) -> None:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._fp.seek(pos)
-        try:
-            while not inflater.eof:
-                chunk = inflater.unconsumed_tail or self._fp.read(READ_CHUNK)
-                if not chunk:
-                    inflater.flush()
-                    break
-                inflater.decompress(chunk, READ_CHUNK)  # the output is not needed
-        except zlib.error as exc:
-            raise InvalidInstance(
-                FailureReason.CANNOT_UNDERSTAND, f"the deflated data set is corrupt: {exc}"
-            ) from exc
-        if not inflater.eof:
-            raise _truncated("the deflated data set ends before its last block")
-
-
 def read_instance_header(fp: IO[bytes], threshold: int) -> InstanceHeader:
     """Parse and validate a Part 10 object; raise ``InvalidInstance`` with the failure reason."""
+    header = read_from_raw_elements(fp, threshold)
+    if header is not None:
+        return header
+    return read_instance_header_with_pydicom(fp, threshold)
+
+
+def read_instance_header_with_pydicom(fp: IO[bytes], threshold: int) -> InstanceHeader:
+    """``read_instance_header`` by pydicom alone: slower, and the judge of every oddity."""
     try:
+        fp.seek(0)
         return _read_instance_header(fp, threshold)
     except InvalidInstance:
         raise
@@ -407,7 +209,7 @@ def _read_instance_header(fp: IO[bytes], threshold: int) -> InstanceHeader:
     # Completeness before content: a cut object fails as "cannot understand", not as a
     # missing attribute that happened to sit after the cut.
     size = fp.seek(0, 2)
-    pixel = _StructureWalker(fp, size).walk(transfer_syntax)
+    pixel = StructureWalker(fp, size).walk(transfer_syntax)
 
     uids: dict[str, str] = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
@@ -469,3 +271,180 @@ def _has_image_pixel_module(ds: Dataset) -> bool:
     # Attributes that only describe how pixels are encoded (PS3.3 C.7.6.3).
     encoding = ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated")
     return any(k in ds for k in encoding) and "PixelDataProviderURL" not in ds
+
+
+# -- the raw route ---------------------------------------------------------------------------
+
+#: The first read holds the header of nearly every object; a longer header is read on up to
+#: ``MAX_RAW_HEADER`` bytes, beyond which pydicom takes the object.
+FIRST_READ = 64 * 1024
+MAX_RAW_HEADER = 16 * 1024 * 1024
+_TRANSFER_SYNTAX_UID = 0x0010
+_UID_KEYS = {
+    "StudyInstanceUID": "0020000D",
+    "SeriesInstanceUID": "0020000E",
+    "SOPInstanceUID": "00080018",
+    "SOPClassUID": "00080016",
+}
+#: Each indexed attribute's JSON key and the VR it must have for the raw route to index it.
+_INDEXED = {k: (f"{tag_for_keyword(k):08X}", str(dictionary_VR(k))) for k in INDEXED_KEYWORDS}
+#: The Image Pixel Module's encoding attributes and Pixel Data Provider URL (PS3.3 C.7.6.3).
+_PIXEL_MODULE_KEYS = ("00280002", "00280004", "00280100")
+_PIXEL_DATA_PROVIDER_URL = "00287FE0"
+
+
+def read_from_raw_elements(fp: IO[bytes], threshold: int) -> InstanceHeader | None:
+    """The header by the raw route, or ``None`` where pydicom is to decide: never a
+    different header from ``read_instance_header_with_pydicom``, never an error."""
+    try:
+        size = fp.seek(0, 2)
+        fp.seek(0)
+        buf = fp.read(min(size, FIRST_READ))
+        while True:
+            try:
+                return _header_from_bytes(fp, buf, size, threshold)
+            except NeedMore as more:
+                if not len(buf) < more.end <= min(size, MAX_RAW_HEADER):
+                    return None
+                fp.seek(len(buf))
+                more_bytes = fp.read(min(size, max(more.end, 2 * len(buf))) - len(buf))
+                if not more_bytes:
+                    return None
+                buf += more_bytes
+    except Exception:  # whatever the raw route trips on, pydicom decides
+        return None
+
+
+def _header_from_bytes(
+    fp: IO[bytes], buf: bytes, size: int, threshold: int
+) -> InstanceHeader | None:
+    """The header from ``buf``, the first bytes of ``fp``; ``None`` where pydicom decides."""
+    if buf[128:132] != b"DICM":  # PS3.10 §7.1
+        return None
+    meta = _file_meta(buf)
+    if meta is None:
+        return None
+    transfer_syntax, pos = meta
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return None
+    encoding = _dataset_encoding(buf, pos, size, transfer_syntax)
+    if encoding is None:
+        return None
+    encoder = DatasetEncoder(buf, size, not encoding.big_endian, threshold)
+    metadata, stop = encoder.encode_top_level(pos, encoding.implicit)
+    # The rest of the file, Pixel Data and any padding, is only checked to be whole.
+    pixel = StructureWalker(fp, size).walk_dataset(stop, encoding)
+    if pixel is None and _has_pixel_module_keys(metadata):
+        return None
+    uids = _uids(metadata)
+    attributes = _indexed_attributes(metadata)
+    if uids is None or attributes is None:
+        return None
+    if pixel is not None:
+        metadata[f"{pixel.tag:08X}"] = {"vr": pixel.vr, "BulkDataURI": bulk_path((pixel.tag,))}
+    frames = attributes["NumberOfFrames"]
+    return InstanceHeader(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax=transfer_syntax,
+        attributes=attributes,
+        metadata=orjson.dumps(dict(sorted(metadata.items()))),
+        pixel_data=pixel,
+        number_of_frames=frames if isinstance(frames, int) and frames > 0 else 1,
+    )
+
+
+def _file_meta(buf: bytes) -> tuple[str, int] | None:
+    """The Transfer Syntax UID of the File Meta Information (PS3.10 §7.1, always explicit
+    VR little endian) and where the data set starts."""
+    pos = 132
+    transfer_syntax = None
+    while pos + 8 <= len(buf):
+        group, element = struct.unpack_from("<HH", buf, pos)
+        if group != 0x0002:
+            break
+        vr = buf[pos + 4 : pos + 6]
+        if vr in LONG_VRS:
+            (length,) = struct.unpack_from("<L", buf, pos + 8)
+            start = pos + 12
+        elif vr in SHORT_VRS:
+            (length,) = struct.unpack_from("<H", buf, pos + 6)
+            start = pos + 8
+        else:
+            return None
+        if length == UNDEFINED_LENGTH or start + length > len(buf):
+            return None
+        if element == _TRANSFER_SYNTAX_UID:
+            if vr != b"UI":
+                return None
+            transfer_syntax = buf[start : start + length].decode("latin_1").rstrip("\x00 ").strip()
+        pos = start + length
+    else:
+        return None
+    if transfer_syntax is None or not is_valid_uid(transfer_syntax):
+        return None
+    return transfer_syntax, pos
+
+
+def _dataset_encoding(buf: bytes, pos: int, size: int, transfer_syntax: str) -> Encoding | None:
+    """The encoding the transfer syntax names (PS3.5 §10), when the first element agrees.
+
+    pydicom and the structure check both believe the first element over the transfer
+    syntax; a disagreement is pydicom's to handle.
+    """
+    encoding = Encoding(
+        implicit=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+        big_endian=transfer_syntax == EXPLICIT_VR_BIG_ENDIAN,
+    )
+    if size - pos < 8:
+        return encoding
+    vr = buf[pos + 4 : pos + 6]
+    looks_explicit = vr in SHORT_VRS or vr in LONG_VRS
+    if looks_explicit == encoding.implicit or looks_explicit != (
+        0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
+    ):
+        return None
+    return encoding
+
+
+def _has_pixel_module_keys(metadata: JsonDataset) -> bool:
+    return (
+        any(key in metadata for key in _PIXEL_MODULE_KEYS)
+        and _PIXEL_DATA_PROVIDER_URL not in metadata
+    )
+
+
+def _uids(metadata: JsonDataset) -> dict[str, str] | None:
+    """The four identifying UIDs, each present, single and valid (PS3.5 §9.1)."""
+    uids = {}
+    for keyword, key in _UID_KEYS.items():
+        entry = metadata.get(key)
+        if entry is None or entry["vr"] != "UI" or len(entry.get("Value", ())) != 1:
+            return None
+        value = entry["Value"][0].strip("\x00 ")
+        if not is_valid_uid(value):
+            return None
+        uids[keyword] = value
+    return uids
+
+
+def _indexed_attributes(metadata: JsonDataset) -> dict[str, str | int | None] | None:
+    """What ``_attribute`` gives for each indexed keyword, from the JSON; ``None`` for a
+    value of another VR or several values, whose indexing pydicom decides."""
+    attributes: dict[str, str | int | None] = {}
+    for keyword, (key, vr) in _INDEXED.items():
+        entry = metadata.get(key)
+        values = entry.get("Value") if entry is not None else None
+        if entry is not None and entry["vr"] != vr:
+            return None
+        if not values:
+            attributes[keyword] = None
+            continue
+        if len(values) != 1:
+            return None
+        value = values[0]
+        # A person name is indexed as its groups joined by "=" (PS3.5 §6.2.1.1).
+        attributes[keyword] = "=".join(value.values()) if isinstance(value, dict) else value
+    return attributes
