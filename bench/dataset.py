@@ -49,7 +49,7 @@ def _packaged(name: str) -> Dataset | None:
     return pydicom.dcmread(path) if isinstance(path, str) else None
 
 
-def _generated(sop_class: str, modality: str, rows: int, columns: int) -> Dataset:
+def generated_image(sop_class: str, modality: str, rows: int, columns: int) -> Dataset:
     """An uncompressed 16-bit image of the given size, for when pydicom-data is missing."""
     ds = Dataset()
     ds.SOPClassUID = sop_class
@@ -89,8 +89,8 @@ def load_templates() -> Templates:
     if ct is not None and mr is not None:
         return Templates(ct, mr, small, "pydicom-data 693_UNCR.dcm (CT) and MR2_UNCR.dcm (MR)")
     return Templates(
-        _generated(CT_IMAGE_STORAGE, "CT", 512, 512),
-        _generated(MR_IMAGE_STORAGE, "MR", 1024, 1024),
+        generated_image(CT_IMAGE_STORAGE, "CT", 512, 512),
+        generated_image(MR_IMAGE_STORAGE, "MR", 1024, 1024),
         small,
         "GENERATED 512x512 CT and 1024x1024 MR (pydicom-data is not installed)",
     )

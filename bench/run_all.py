@@ -15,11 +15,15 @@ HERE = Path(__file__).resolve().parent
 
 FULL = [
     ["crypto.py"],
+    ["parse_header.py"],
     ["stow_memory.py"],
     ["qido_latency.py"],
+    ["throughput.py"],
 ]
 SMOKE = [
     ["crypto.py", "--size-mb", "8", "--runs", "1"],
+    ["parse_header.py", "--repeat", "1", "--seconds", "0.02"],
+    ["throughput.py", "--smoke"],
     ["stow_memory.py", "--size-mb", "16"],
     ["qido_latency.py", "--smoke"],
     ["compare.py", "--smoke"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -18,6 +18,8 @@ from pydicom.pixels import pack_bits
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from app.errors import IexError
+from app.services.wado import _exactly
 from tests.helpers import IexServer, make_instance, multipart_related
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -30,12 +32,13 @@ Part = tuple[dict[str, str], bytes]
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def parse_multipart(response: httpx.Response) -> list[Part]:
-    """A strict RFC 2046 parser: every part's headers and body, in order."""
+def parse_multipart(response: httpx.Response, body: bytes | None = None) -> list[Part]:
+    """A strict RFC 2046 parser: every part's headers and body (``response.content``, or
+    ``body`` when the response was streamed), in order."""
     media, *params = [p.strip() for p in response.headers["content-type"].split(";")]
     assert media == "multipart/related"
     boundary = next(p.split("=", 1)[1].strip('"') for p in params if p.startswith("boundary="))
-    body = response.content
+    body = response.content if body is None else body
     opening = f"--{boundary}\r\n".encode()
     assert body.startswith(opening), body[:100]
     assert body.endswith(f"\r\n--{boundary}--\r\n".encode()), body[-100:]
@@ -219,13 +222,74 @@ def test_requested_syntax_that_cannot_be_produced_is_406(client: httpx.Client) -
         assert_problem(get(client, instance_path(ds), accept), 406, "Available")
 
 
-def test_retrieval_streams_without_content_length(client: httpx.Client) -> None:
-    study = generate_uid()
-    store(client, *[make_instance(study_uid=study, rows=128, columns=128) for _ in range(3)])
-    with client.stream("GET", f"/studies/{study}", headers={"Accept": DICOM_ANY}) as r:
+def _streamed(client: httpx.Client, path: str, accept: str) -> tuple[httpx.Response, bytes]:
+    with client.stream("GET", path, headers={"Accept": accept}) as r:
         assert r.status_code == 200
-        assert "content-length" not in r.headers
-        assert sum(len(c) for c in r.iter_bytes()) > 3 * 128 * 128 * 2
+        return r, b"".join(r.iter_bytes())
+
+
+def test_as_stored_retrieval_announces_its_exact_length(client: httpx.Client) -> None:
+    """Objects sent as stored have known sizes, so the body's length goes out first."""
+    study, series = generate_uid(), generate_uid()
+    objects = [
+        make_instance(study_uid=study, series_uid=series, rows=128, columns=128, instance_number=n)
+        for n in range(1, 4)
+    ]
+    store(client, *objects)
+    for path in (f"/studies/{study}", f"/studies/{study}/series/{series}"):
+        r, body = _streamed(client, path, DICOM_ANY)
+        assert int(r.headers["content-length"]) == len(body)
+        assert "transfer-encoding" not in r.headers
+        assert sorted(content for _, content in parse_multipart(r, body)) == sorted(objects)
+
+
+def test_transcoded_retrieval_streams_chunked(client: httpx.Client) -> None:
+    """A transcoded object's size is known only once it is made: no Content-Length then."""
+    _, ds = stored(client, "MR_small_implicit.dcm")
+    default = 'multipart/related; type="application/dicom"'
+    r, body = _streamed(client, f"/studies/{ds.StudyInstanceUID}", default)
+    assert "content-length" not in r.headers
+    assert r.headers["transfer-encoding"] == "chunked"
+    ((_, content),) = parse_multipart(r, body)
+    assert dcmread(io.BytesIO(content)).file_meta.TransferSyntaxUID == EXPLICIT_LE
+
+
+def test_retrievals_abandoned_midway_leave_the_server_serving(
+    server: IexServer, client: httpx.Client
+) -> None:
+    """Clients that go away mid-study (the next object already being read) cost nothing
+    lasting. The study is larger than the socket buffers, so the server is cut off mid-send."""
+    study = generate_uid()
+    objects = [make_instance(study_uid=study, rows=1024, columns=1024) for _ in range(4)]
+    store(client, *objects)
+    for stop_after in (1, 3_000_000, 6_000_000):
+        with (
+            server.client() as c,
+            c.stream("GET", f"/studies/{study}", headers={"Accept": DICOM_ANY}) as r,
+        ):
+            assert r.status_code == 200
+            received = 0
+            for chunk in r.iter_raw(65536):
+                received += len(chunk)
+                if received >= stop_after:
+                    break
+    r, body = _streamed(client, f"/studies/{study}", DICOM_ANY)
+    assert sorted(content for _, content in parse_multipart(r, body)) == sorted(objects)
+    assert "Traceback" not in server.log()
+
+
+async def test_stored_object_of_another_length_than_indexed_is_an_error() -> None:
+    """Content-Length is announced from the index: a stored object that disagrees stops the
+    response rather than sending a body of another length."""
+
+    async def body(*chunks: bytes) -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    assert [c async for c in _exactly(body(b"ab", b"cd"), 4, "x")] == [b"ab", b"cd"]
+    for chunks in ((b"ab",), (b"ab", b"cde"), ()):
+        with pytest.raises(IexError, match="does not hold the 4 bytes indexed"):
+            [c async for c in _exactly(body(*chunks), 4, "x")]
 
 
 # -- metadata ----------------------------------------------------------------------------------

@@ -4,13 +4,17 @@ Every retrieve is decided before a byte is sent: the index says which instances 
 (404 otherwise) and content negotiation picks one representation per instance (406 when
 any instance cannot be produced in an acceptable form, so a client never receives a
 partial study with a 200). The body is then streamed part by part from the store;
-transcoding and pydicom parsing run in worker threads, one instance at a time.
+transcoding and pydicom parsing run in worker threads, one instance at a time. An object
+sent as stored is opened and decrypted while the one before it is sent, and when every
+part is such an object the body's length is known, and announced, before it is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import IO, TypeVar
@@ -44,22 +48,26 @@ from app.dicom.negotiation import (
     syntax_name,
 )
 from app.dicom.transcode import to_explicit_vr_little_endian
-from app.errors import NotAcceptable, NotFound
+from app.errors import IexError, NotAcceptable, NotFound
 from app.storage.base import InstanceStore, MetadataIndex, StoredInstance
 
 T = TypeVar("T")
 
 #: Transcoded objects are handed to the server in pieces of this size.
 SEND_CHUNK = 1024 * 1024
+#: Stored objects opened (and their first batch decrypted) ahead of the one being sent.
+READ_AHEAD = 1
 _BULK_DATA_URI = b'"BulkDataURI":"'
 
 
 @dataclass(frozen=True)
 class Retrieval:
-    """A ``multipart/related`` body ready to stream, and its Content-Type."""
+    """A ``multipart/related`` body ready to stream, its Content-Type, and its length when
+    that is known before the body is read (every part an object sent as stored)."""
 
     media_type: str
     body: AsyncIterator[bytes]
+    length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,21 +77,89 @@ class _Part:
     body: AsyncIterator[bytes]
 
 
+class _ReadAhead:
+    """A part body whose first chunk is being read from now on, in the background.
+
+    The next stored object is opened and decrypted (in a worker thread) while the one
+    before it is sent, so the reading and the sending of a retrieval overlap.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        self._body = body
+        self._first: asyncio.Future[bytes | None] = asyncio.ensure_future(anext(body, None))
+        self._started = False
+
+    def __aiter__(self) -> _ReadAhead:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._started:
+            chunk = await anext(self._body, None)
+        else:
+            self._started = True
+            chunk = await self._first
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop reading: the part will not be sent."""
+        if not self._first.done():
+            self._first.cancel()
+        with suppress(BaseException):
+            await self._first
+        if isinstance(self._body, AsyncGenerator):
+            await self._body.aclose()
+
+
 async def _multipart(boundary: str, parts: AsyncIterator[_Part]) -> AsyncIterator[bytes]:
     """Frame parts as RFC 2387 ``multipart/related`` (the CRLF before a delimiter is its own).
 
     Each part's first bytes are read before its header goes out, so a stored object that
     fails to open (missing, or failing its integrity check) fails before it is announced.
+    The CRLF ending a part goes out with the next delimiter: one write, not two.
     """
+    separator = b""
     async for part in parts:
         first = await anext(part.body, None)
-        yield part_header(boundary, part.content_type, {"Content-Location": part.location})
+        yield separator + _part_header(boundary, part.content_type, part.location)
         if first is not None:
             yield first
         async for chunk in part.body:
             yield chunk
-        yield b"\r\n"
-    yield closing_delimiter(boundary)
+        separator = b"\r\n"
+    yield separator + closing_delimiter(boundary)
+
+
+def _part_header(boundary: str, content_type: str, location: str) -> bytes:
+    return part_header(boundary, content_type, {"Content-Location": location})
+
+
+def _multipart_length(boundary: str, parts: Sequence[tuple[str, str, int | None]]) -> int | None:
+    """The exact length of ``_multipart``'s output for parts of (content type, location,
+    body length), when every body's length is known."""
+    total = len(closing_delimiter(boundary))
+    for content_type, location, length in parts:
+        if length is None:
+            return None
+        total += len(_part_header(boundary, content_type, location)) + length + 2
+    return total
+
+
+async def _exactly(body: AsyncIterator[bytes], length: int, what: str) -> AsyncIterator[bytes]:
+    """``body``, checked to be the ``length`` bytes announced in Content-Length."""
+    sent = 0
+    try:
+        async for chunk in body:
+            sent += len(chunk)
+            if sent > length:
+                break
+            yield chunk
+    finally:
+        if isinstance(body, AsyncGenerator):
+            await body.aclose()
+    if sent != length:
+        raise IexError(f"{what}: the stored object does not hold the {length} bytes indexed")
 
 
 async def _primed(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -106,11 +182,17 @@ async def _chunks(data: bytes) -> AsyncIterator[bytes]:
         yield bytes(view[start : start + SEND_CHUNK])
 
 
-async def _retrieval(root_type: str, parts: AsyncIterator[_Part]) -> Retrieval:
-    boundary = new_boundary()
+async def _retrieval(
+    root_type: str,
+    parts: AsyncIterator[_Part],
+    boundary: str | None = None,
+    length: int | None = None,
+) -> Retrieval:
+    boundary = boundary or new_boundary()
     return Retrieval(
         f'{MULTIPART_RELATED}; type="{root_type}"; boundary={boundary}',
         await _primed(_multipart(boundary, parts)),
+        length,
     )
 
 
@@ -215,16 +297,44 @@ class WadoService:
             offered = instance_representations(inst.transfer_syntax)
             what = f"instance {inst.sop_uid}"
             plan.append((inst, _negotiate(what, inst.transfer_syntax, accept, offered)))
+        boundary = new_boundary()
+        length = _multipart_length(
+            boundary,
+            [
+                (
+                    rep.content_type,
+                    _instance_url(base_url, inst),
+                    inst.size if rep.as_stored else None,
+                )
+                for inst, rep in plan
+            ],
+        )
+
+        def part(inst: StoredInstance, rep: Representation) -> _Part:
+            if rep.as_stored:
+                stored = self._store.read(inst.blob_key)
+                body: AsyncIterator[bytes] = _ReadAhead(
+                    _exactly(stored, inst.size, f"instance {inst.sop_uid}")
+                )
+            else:  # transcoded whole in memory: not ahead of time
+                body = self._transcoded(inst.blob_key)
+            return _Part(rep.content_type, _instance_url(base_url, inst), body)
 
         async def parts() -> AsyncIterator[_Part]:
-            for inst, rep in plan:
-                if rep.as_stored:
-                    body = self._store.read(inst.blob_key)
-                else:
-                    body = self._transcoded(inst.blob_key)
-                yield _Part(rep.content_type, _instance_url(base_url, inst), body)
+            ahead: deque[_Part] = deque()
+            try:
+                for inst, rep in plan:
+                    ahead.append(part(inst, rep))
+                    if len(ahead) > READ_AHEAD:
+                        yield ahead.popleft()
+                while ahead:
+                    yield ahead.popleft()
+            finally:
+                for unsent in ahead:
+                    if isinstance(unsent.body, _ReadAhead):
+                        await unsent.body.aclose()
 
-        return await _retrieval("application/dicom", parts())
+        return await _retrieval("application/dicom", parts(), boundary, length)
 
     async def _transcoded(self, key: str) -> AsyncIterator[bytes]:
         data = await self._in_thread(key, to_explicit_vr_little_endian)

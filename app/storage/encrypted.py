@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Protocol, cast
 
 from app.crypto.keystore import DataKeys
@@ -18,6 +18,13 @@ from app.crypto.reader import DecryptingReader
 from app.crypto.segments import Sealer
 
 BUFFER_SIZE = 64 * 1024
+#: Plaintext a writer keeps from the start and from the end of its blob: enough for the
+#: header of nearly every instance and for what may follow Pixel Data (trailing padding),
+#: so that parsing what was just staged decrypts nothing.
+STAGED_PREFIX = 64 * 1024
+STAGED_TAIL = 4 * 1024
+#: Plaintext decrypted per trip to a worker thread when streaming a blob.
+READ_BATCH = 4 * 1024 * 1024
 
 
 class _InnerWriter(Protocol):
@@ -54,10 +61,20 @@ class EncryptingWriter:
         self._keys = keys
         self._size = 0
         self._finished = False
+        self._prefix = bytearray()
+        self._tail = b""
 
     @property
     def key(self) -> str:
         return self._inner.key
+
+    def _keep_ends(self, data: bytes) -> None:
+        if len(self._prefix) < STAGED_PREFIX:
+            self._prefix += data[: STAGED_PREFIX - len(self._prefix)]
+        if len(data) >= STAGED_TAIL:
+            self._tail = bytes(data[-STAGED_TAIL:])
+        else:
+            self._tail = (self._tail + bytes(data))[-STAGED_TAIL:]
 
     @property
     def size(self) -> int:
@@ -65,6 +82,7 @@ class EncryptingWriter:
         return self._size
 
     async def write(self, data: bytes) -> None:
+        self._keep_ends(data)
         sealed = self._sealer.update(data)
         self._size += len(data)
         if sealed:
@@ -77,7 +95,13 @@ class EncryptingWriter:
         await self._inner.finish()
 
     def open_staged(self) -> IO[bytes]:
-        return _buffered(DecryptingReader(self._inner.open_staged(), self._keys.key, self.key))
+        """The plaintext written, for reading back (the header parse): its first and last
+        bytes come from memory; the rest is decrypted from the staged file if a read needs it."""
+
+        def decrypting() -> DecryptingReader:
+            return DecryptingReader(self._inner.open_staged(), self._keys.key, self.key)
+
+        return _buffered(_KeptEndsReader(bytes(self._prefix), self._tail, self._size, decrypting))
 
     async def commit(self) -> None:
         await self.finish()
@@ -117,15 +141,28 @@ class EncryptedInstanceStore:
 
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         # Opening authenticates the header and the final segment (so the length is genuine);
-        # every other segment is authenticated as it is read.
-        reader = await asyncio.to_thread(self._open, key)
+        # every other segment is authenticated as it is read. A trip to a worker thread
+        # costs more than decrypting a segment, so each trip decrypts up to READ_BATCH
+        # bytes, and the first one opens the object too: one trip for a typical instance.
+        def open_and_read() -> tuple[_Batches, list[bytes]]:
+            reader = self._open(key)
+            try:
+                batches = _Batches(reader, start, end)
+                return batches, batches.next()
+            except BaseException:
+                reader.close()
+                raise
+
+        batches, batch = await asyncio.to_thread(open_and_read)
         try:
-            stop = reader.size if end is None else min(end, reader.size)
-            segments = reader.iter_range(start, stop)
-            while (chunk := await asyncio.to_thread(next, segments, None)) is not None:
-                yield chunk
+            while batch:
+                for chunk in batch:
+                    yield chunk
+                if batches.done:
+                    break
+                batch = await asyncio.to_thread(batches.next)
         finally:
-            reader.close()
+            batches.reader.close()  # a no-op once the last batch has closed it
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)
@@ -137,6 +174,99 @@ class EncryptedInstanceStore:
         await self._inner.check()
 
 
-def _buffered(reader: DecryptingReader) -> IO[bytes]:
+class _Batches:
+    """The plaintext of [start, end) of one object, about ``READ_BATCH`` bytes at a time
+    (whole segments). The batch that reaches the end also closes the object, in the same
+    worker thread: unmapping it is a system call the event loop need not wait for."""
+
+    def __init__(self, reader: DecryptingReader, start: int, end: int | None) -> None:
+        self.reader = reader
+        stop = reader.size if end is None else min(end, reader.size)
+        self._left = max(stop - start, 0)
+        self._segments = reader.iter_range(start, stop)
+
+    @property
+    def done(self) -> bool:
+        return self._left <= 0
+
+    def next(self) -> list[bytes]:
+        batch: list[bytes] = []
+        size = 0
+        if self._left > 0:
+            for chunk in self._segments:
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= READ_BATCH:
+                    break
+            self._left -= size
+        if self._left <= 0:
+            self.reader.close()
+        return batch
+
+
+class _KeptEndsReader(io.RawIOBase):
+    """A seekable reader of ``size`` bytes that begin with ``prefix`` and end with ``tail``;
+    what lies between is read from the reader ``open_rest`` makes, on the first read there."""
+
+    def __init__(
+        self, prefix: bytes, tail: bytes, size: int, open_rest: Callable[[], DecryptingReader]
+    ) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._tail = tail
+        self._tail_start = size - len(tail)
+        self._size = size
+        self._open_rest = open_rest
+        self._rest: DecryptingReader | None = None
+        self._pos = 0
+
+    @property
+    def name(self) -> str:
+        return "<staged object>"
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
+        if base is None:
+            raise ValueError(f"invalid whence {whence}")
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        out = memoryview(buffer).cast("B")
+        if self._pos >= self._size or not len(out):
+            return 0
+        if self._pos < len(self._prefix):
+            n = min(len(out), len(self._prefix) - self._pos)
+            out[:n] = self._prefix[self._pos : self._pos + n]
+        elif self._pos >= self._tail_start:
+            start = self._pos - self._tail_start
+            n = min(len(out), len(self._tail) - start)
+            out[:n] = self._tail[start : start + n]
+        else:
+            if self._rest is None:
+                self._rest = self._open_rest()
+            self._rest.seek(self._pos)
+            n = self._rest.readinto(out)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if self._rest is not None:
+            self._rest.close()
+        super().close()
+
+
+def _buffered(reader: io.RawIOBase) -> IO[bytes]:
     # Parsers read a few bytes at a time; a buffer keeps that off the decrypting path.
     return cast(IO[bytes], io.BufferedReader(reader, BUFFER_SIZE))
