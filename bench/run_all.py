@@ -17,6 +17,7 @@ FULL = [
     ["crypto.py"],
     ["parse_header.py"],
     ["stow_memory.py"],
+    ["upload.py"],
     ["qido_latency.py"],
     ["throughput.py"],
 ]
@@ -25,6 +26,7 @@ SMOKE = [
     ["parse_header.py", "--repeat", "1", "--seconds", "0.02"],
     ["throughput.py", "--smoke"],
     ["stow_memory.py", "--size-mb", "16"],
+    ["upload.py", "--size-mb", "16"],
     ["qido_latency.py", "--smoke"],
     ["compare.py", "--smoke"],
 ]
