@@ -37,21 +37,29 @@ class Services:
     security: Security
 
 
-def get_services(request: Request) -> Services:
+# The dependencies here are ``async`` though most never await: FastAPI runs a plain ``def``
+# dependency in a worker thread, a trip that costs more than the function.
+
+
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_root_url(request: Request) -> str:
-    """Absolute URL of the gateway: the configured public URL, else the URL the client
-    reached."""
+def _root_url(request: Request) -> str:
     public: str | None = request.app.state.services.settings.public_url
     return public if public else str(request.base_url).rstrip("/")
 
 
-def get_base_url(request: Request) -> str:
+async def get_root_url(request: Request) -> str:
+    """Absolute URL of the gateway: the configured public URL, else the URL the client
+    reached."""
+    return _root_url(request)
+
+
+async def get_base_url(request: Request) -> str:
     """Absolute URL of the DICOMweb root for Retrieve URLs and BulkDataURIs."""
-    return get_root_url(request) + "/dicomweb"
+    return _root_url(request) + "/dicomweb"
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
