@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from app.crypto.segments import MAX_HEADER_SIZE, Header, Opener
+from app.rawio import SeekableReader
 
 KeyLookup = Callable[[str], bytes]
 
 
-class DecryptingReader(io.RawIOBase):
+class DecryptingReader(SeekableReader):
     def __init__(self, raw: IO[bytes], keys: KeyLookup, object_id: str) -> None:
         super().__init__()
         self._raw = raw
@@ -49,29 +50,6 @@ class DecryptingReader(io.RawIOBase):
     @property
     def size(self) -> int:
         return self.layout.plaintext_size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self.size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = pos
-        return pos
 
     def segment(self, index: int) -> bytes:
         """Plaintext of one segment (authenticated)."""

@@ -16,6 +16,7 @@ from typing import IO, Protocol, cast
 from app.crypto.keystore import DataKeys
 from app.crypto.reader import DecryptingReader
 from app.crypto.segments import Sealer
+from app.rawio import SeekableReader
 
 BUFFER_SIZE = 64 * 1024
 #: Plaintext a writer keeps from the start and from the end of its blob: enough for the
@@ -204,7 +205,7 @@ class _Batches:
         return batch
 
 
-class _KeptEndsReader(io.RawIOBase):
+class _KeptEndsReader(SeekableReader):
     """A seekable reader of ``size`` bytes that begin with ``prefix`` and end with ``tail``;
     what lies between is read from the reader ``open_rest`` makes, on the first read there."""
 
@@ -218,29 +219,14 @@ class _KeptEndsReader(io.RawIOBase):
         self._size = size
         self._open_rest = open_rest
         self._rest: DecryptingReader | None = None
-        self._pos = 0
 
     @property
     def name(self) -> str:
         return "<staged object>"
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
-        if base is None:
-            raise ValueError(f"invalid whence {whence}")
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
+    @property
+    def size(self) -> int:
+        return self._size
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         out = memoryview(buffer).cast("B")

@@ -13,19 +13,19 @@ instead of blaming the archive.
 from __future__ import annotations
 
 import bisect
-import io
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import IO
 
 from app.crypto.errors import IntegrityError
 from app.errors import ServiceUnavailable
+from app.rawio import SeekableReader
 
 #: One piece: its recorded length and how to open a reader of exactly that many bytes.
 Piece = tuple[int, Callable[[], IO[bytes]]]
 
 
-class ChunkedPayload(io.RawIOBase):
+class ChunkedPayload(SeekableReader):
     """The concatenation of ``pieces``. ``readinto`` stops at a piece boundary, so one call
     may return fewer bytes than asked, but it returns 0 only at the end of the payload."""
 
@@ -37,7 +37,6 @@ class ChunkedPayload(io.RawIOBase):
         self._openers = [opener for _, opener in pieces]
         self._starts = [0, *accumulate(self._lengths)][:-1]
         self._size = sum(self._lengths)
-        self._pos = 0
         self._index = -1
         self._piece: IO[bytes] | None = None
         #: Position inside the open piece, so sequential reads need no seek.
@@ -46,32 +45,6 @@ class ChunkedPayload(io.RawIOBase):
     @property
     def size(self) -> int:
         return self._size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        # A plain attribute read: progress reporting may call this from the event loop
-        # while a worker thread reads.
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._check_open()
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise OSError(f"negative seek position {pos}")
-        self._pos = pos
-        return pos
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         self._check_open()
