@@ -505,6 +505,55 @@ def test_killed_server_payload_ingested(killed_server_upload: Outcome) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def killed_mid_chunk_upload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
+    """The gateway is SIGKILLed while a chunk's body is half received (the proxy holds the
+    rest back), then started again on the same data directory and port."""
+    root = tmp_path_factory.mktemp("killed-mid-chunk")
+    srv = IexServer(root / "data").start()
+    try:
+        study = study_folder(root / "src")
+        source = open_source(study.folder)
+        offsets: list[int] = []
+        with FaultProxy(srv.port) as proxy, Retries() as retries:
+            # Past three whole 64 KiB chunks and their headers, inside the fourth body.
+            proxy.hold(after=3 * CHUNK + CHUNK // 2)
+
+            def kill_while_held() -> None:
+                assert proxy.held.wait(120), "the upload never reached the hold"
+                srv.kill()
+                srv.start()
+                proxy.release()
+
+            async def scenario() -> str:
+                killer = asyncio.create_task(asyncio.to_thread(kill_while_held))
+                url = await upload_with(proxy.url, srv.token, source, offsets)
+                await killer
+                return url
+
+            url = asyncio.run(scenario())
+        yield Outcome(srv, study, url, offsets, retries.messages, proxy)
+    finally:
+        srv.stop()
+
+
+def test_killed_mid_chunk_resumes_at_the_last_whole_chunk(killed_mid_chunk_upload: Outcome) -> None:
+    out = killed_mid_chunk_upload
+    length = open_source(out.study.folder).length
+    # The half-received chunk had a checksum, so none of it counts: the client went on from
+    # the end of the third chunk, and every offset it saw was a chunk boundary.
+    assert 3 * CHUNK in out.offsets
+    assert all(o % CHUNK == 0 or o == length for o in out.offsets)
+    assert out.offsets == sorted(set(out.offsets))
+    assert out.retries, "the client never noticed the gateway going away"
+    assert head(out.server, out.url) == (length, length)
+
+
+def test_killed_mid_chunk_payload_ingested(killed_mid_chunk_upload: Outcome) -> None:
+    out = killed_mid_chunk_upload
+    assert_ingested(out.server, out.url, out.study)
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
