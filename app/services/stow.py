@@ -11,7 +11,6 @@ broken stream stores nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -256,7 +255,6 @@ class StowService:
     ) -> None:
         """Stream each part to a staged blob and start examining it; fill ``examined``."""
         writer: BlobWriter | None = None
-        hasher = hashlib.sha256()
         rejected: FailedInstance | None = None
         source: str | None = None
         limit = self._limits.max_instance_bytes
@@ -274,18 +272,14 @@ class StowService:
                             source=source,
                         )
                         continue
-                    hasher.update(event.data)
                     await writer.write(event.data)
                 elif isinstance(event, PartStart):
                     source = event.headers.get("content-location")
                     rejected = _check_part_type(event.headers, source)
                     if rejected is None:
                         writer = await self._store.create(trust)
-                        hasher = hashlib.sha256()
                 elif writer is not None:  # PartEnd
-                    task = asyncio.create_task(
-                        self._examine(writer, hasher.hexdigest(), study_uid, source)
-                    )
+                    task = asyncio.create_task(self._examine(writer, study_uid, source))
                     examined.append(_Examining(writer, task))
                     writer = None
                     await _bound([e.task for e in examined])
@@ -298,7 +292,7 @@ class StowService:
                 await writer.abort()
 
     async def _examine(
-        self, writer: BlobWriter, sha256: str, study_uid: str | None, source: str | None
+        self, writer: BlobWriter, study_uid: str | None, source: str | None
     ) -> _Staged | FailedInstance:
         try:
             await writer.finish()
@@ -318,7 +312,7 @@ class StowService:
                 header.sop_class_uid,
                 source,
             )
-        return _Staged(writer, sha256, header, source)
+        return _Staged(writer, writer.sha256, header, source)
 
     def _parse(self, writer: BlobWriter) -> InstanceHeader:
         with writer.open_staged() as fp:

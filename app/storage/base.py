@@ -25,6 +25,10 @@ class BlobWriter(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written; complete once ``finish`` returned."""
+
     async def write(self, data: bytes) -> None: ...
 
     async def finish(self) -> None:

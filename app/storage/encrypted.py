@@ -9,6 +9,7 @@ every segment, so a blob moved under another key fails its integrity check.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Protocol, cast
@@ -34,6 +35,8 @@ class _InnerWriter(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    def write_blocking(self, data: bytes) -> None: ...
+
     async def finish(self) -> None: ...
 
     def open_staged(self) -> IO[bytes]: ...
@@ -55,6 +58,10 @@ class _InnerStore(Protocol):
     async def check(self) -> None: ...
 
 
+#: Plaintext gathered before a writer hashes, seals and writes it in a worker thread.
+WRITE_BATCH = 1024 * 1024
+
+
 class EncryptingWriter:
     def __init__(self, inner: _InnerWriter, sealer: Sealer, keys: DataKeys) -> None:
         self._inner = inner
@@ -64,6 +71,10 @@ class EncryptingWriter:
         self._finished = False
         self._prefix = bytearray()
         self._tail = b""
+        self._sha256 = hashlib.sha256()
+        #: Plaintext received but not yet hashed, sealed and written, and its size.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
 
     @property
     def key(self) -> str:
@@ -82,17 +93,39 @@ class EncryptingWriter:
         """Plaintext bytes written."""
         return self._size
 
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the plaintext; complete once ``finish`` returned."""
+        return self._sha256.hexdigest()
+
     async def write(self, data: bytes) -> None:
         self._keep_ends(data)
-        sealed = self._sealer.update(data)
         self._size += len(data)
-        if sealed:
-            await self._inner.write(sealed)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= WRITE_BATCH:
+            await self._absorb_pending(last=False)
+
+    async def _absorb_pending(self, *, last: bool) -> None:
+        # Hashing, sealing and writing a batch in one worker-thread trip: the digest, the
+        # cipher and the write all release the GIL, so this work runs on another core while
+        # the event loop receives; network reads are too small to be worth a trip each.
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        await asyncio.to_thread(self._absorb, pending, last)
+
+    def _absorb(self, pending: list[bytes], last: bool) -> None:
+        sealed = []
+        for data in pending:
+            self._sha256.update(data)
+            sealed.append(self._sealer.update(data))
+        if last:
+            sealed.append(self._sealer.finish())
+        self._inner.write_blocking(b"".join(sealed))
 
     async def finish(self) -> None:
         if not self._finished:
             self._finished = True
-            await self._inner.write(self._sealer.finish())
+            await self._absorb_pending(last=True)
         await self._inner.finish()
 
     def open_staged(self) -> IO[bytes]:

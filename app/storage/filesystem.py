@@ -44,6 +44,15 @@ class FileBlobWriter:
     def size(self) -> int:
         return self._size
 
+    def write_blocking(self, data: bytes) -> None:
+        """``write`` for worker threads (the caller never runs two at once)."""
+        assert self._file is not None, "write after finish"
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _unwritable(exc) from exc
+        self._size += len(data)
+
     async def write(self, data: bytes) -> None:
         assert self._file is not None, "write after finish"
         # Small writes go to the OS page cache and return at once; a thread hop would cost more.
