@@ -132,10 +132,6 @@ class UploadIngest:
     def submit(self, upload: Upload) -> None:
         self._queue.put_nowait(upload)
 
-    async def idle(self) -> None:
-        """Wait until every upload submitted so far is ingested."""
-        await self._queue.join()
-
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
@@ -150,8 +146,6 @@ class UploadIngest:
                 # Not even the failure could be recorded (the state database is down): the
                 # upload stays pending and is taken up again at the next start.
                 log.exception("ingest of upload %s could not be recorded", upload.id)
-            finally:
-                self._queue.task_done()
 
     # -- one upload -----------------------------------------------------------------------
 
