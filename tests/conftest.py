@@ -6,7 +6,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import IexServer
+from tests.helpers import RUNNING, IexServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_leftover_servers() -> Iterator[None]:
+    """A fixture that failed between starting a gateway and yielding it never stops it;
+    no test run leaves a server behind."""
+    yield
+    for srv in list(RUNNING):
+        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,11 @@ class TlsFiles:
     server_ca: Path
 
 
-@dataclass
+#: Every gateway started and not yet stopped: the session stops what a failed fixture left.
+RUNNING: list[IexServer] = []
+
+
+@dataclass(eq=False)
 class IexServer:
     """An ``iex serve`` subprocess on a loopback port with its own data directory.
 
@@ -125,6 +129,7 @@ class IexServer:
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+        RUNNING.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -149,12 +154,18 @@ class IexServer:
                 self.process.kill()
                 self.process.wait(5)
         self.process = None
+        self._forget()
 
     def kill(self) -> None:
         if self.process is not None:
             self.process.kill()
             self.process.wait(5)
             self.process = None
+        self._forget()
+
+    def _forget(self) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
