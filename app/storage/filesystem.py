@@ -54,13 +54,8 @@ class FileBlobWriter:
         self._size += len(data)
 
     async def write(self, data: bytes) -> None:
-        assert self._file is not None, "write after finish"
         # Small writes go to the OS page cache and return at once; a thread hop would cost more.
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            raise _unwritable(exc) from exc
-        self._size += len(data)
+        self.write_blocking(data)
 
     async def finish(self) -> None:
         if self._file is None:
