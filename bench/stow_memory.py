@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import IO
 
 import httpx
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from dataset import generated_image
+from pydicom.uid import generate_uid
 
 BOUNDARY = "iex-bench-boundary"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -35,33 +35,10 @@ SAMPLE_SECONDS = 0.05
 MB = 1024 * 1024
 
 
-def _template(rows: int, columns: int) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.PatientName = "Bench^Memory"
-    ds.PatientID = "BENCH"
-    ds.StudyDate = "20240102"
-    ds.Modality = "CT"
-    ds.SeriesNumber = 1
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = os.urandom(rows * columns * 2)  # shared by every instance
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
-
-
 def write_request(path: Path, size_bytes: int, instance_bytes: int) -> tuple[int, int]:
     """Write the multipart body to ``path``; return (instances, body bytes)."""
     side = max(16, int((instance_bytes / 2) ** 0.5))
-    ds = _template(side, side)
+    ds = generated_image(CT_IMAGE_STORAGE, "CT", side, side)  # pixels shared by all
     study, series = generate_uid(), generate_uid()
     count = 0
     with open(path, "wb") as out:

@@ -38,7 +38,8 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stow_memory import RssSampler, _status_kb, _template, start_server  # noqa: E402
+from dataset import generated_image  # noqa: E402
+from stow_memory import CT_IMAGE_STORAGE, RssSampler, _status_kb, start_server  # noqa: E402
 
 from app.crypto.segments import Sealer  # noqa: E402
 
@@ -49,7 +50,7 @@ MB = 1_000_000
 def write_zip(path: Path, size_bytes: int, instance_bytes: int) -> int:
     """A stored zip of one study, just under ``size_bytes``; the number of instances."""
     side = max(16, int((instance_bytes / 2) ** 0.5))
-    ds = _template(side, side)
+    ds = generated_image(CT_IMAGE_STORAGE, "CT", side, side)  # pixels shared by all
     ds.StudyInstanceUID = generate_uid()
     count = 0
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
