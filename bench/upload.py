@@ -75,8 +75,8 @@ def copy_through_encryption(source: Path, target: Path) -> float:
     with open(source, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
         dst.write(sealer.header)
         while block := src.read(8 * MiB):
-            dst.write(sealer.update(block))
-        dst.write(sealer.finish())
+            dst.writelines(sealer.update(block))
+        dst.writelines(sealer.finish())
         os.fsync(dst.fileno())
     took = time.perf_counter() - start
     target.unlink()

@@ -361,7 +361,7 @@ SEGMENT = 4096
 
 def sealed(data: bytes, object_id: str) -> bytes:
     sealer = Sealer(KEY, "dek-1", object_id, SEGMENT)
-    return sealer.header + sealer.update(data) + sealer.finish()
+    return b"".join([sealer.header, *sealer.update(data), *sealer.finish()])
 
 
 def encrypted_payload(data: bytes, piece_size: int, tamper: int | None = None) -> ChunkedPayload:

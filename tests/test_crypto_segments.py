@@ -29,9 +29,9 @@ def seal(data: bytes, object_id: str = "obj-1", key_id: str = "dek-1", seg: int 
     pos = 0
     while pos < len(data):
         n = rng.randint(1, 3 * seg)
-        out.write(sealer.update(data[pos : pos + n]))
+        out.writelines(sealer.update(data[pos : pos + n]))
         pos += n
-    out.write(sealer.finish())
+    out.writelines(sealer.finish())
     return out.getvalue()
 
 

@@ -336,3 +336,21 @@ async def test_an_error_from_the_source_propagates() -> None:
     with pytest.raises(Gone):
         async for _ in read_multipart(failing(), BOUNDARY):
             pass
+
+
+async def test_chunks_inside_a_large_part_pass_through_uncopied() -> None:
+    """The reader's speed: a chunk holding no delimiter is handed on as the same object."""
+    size = 64 * 1024
+    body = _body([bytes(range(14, 256)) * 1000])
+    sent: list[bytes] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for chunk in _chunks(body, size):
+            sent.append(chunk)
+            yield chunk
+
+    data = [e.data async for e in read_multipart(chunks(), BOUNDARY) if isinstance(e, PartData)]
+    assert b"".join(data) == bytes(range(14, 256)) * 1000
+    middle = data[1:-1]
+    assert len(middle) >= 2
+    assert all(any(d is c for c in sent) for d in middle)

@@ -117,7 +117,9 @@ class Sealer:
     """Encrypts a stream: ``header`` first, then whatever ``update`` and ``finish`` return.
 
     Only ``finish`` knows which segment is last, so one full segment is always held back.
-    Whole segments are sealed straight from the caller's buffer, without copying.
+    Whole segments are sealed straight from the caller's buffer, and the start of a segment
+    is kept as a view of it: the only copy made is joining the pieces of a segment that
+    arrived in several calls.
     """
 
     def __init__(
@@ -136,7 +138,9 @@ class Sealer:
             raise ValueError("the nonce prefix is 8 bytes")
         self._segments = _Segments(key, Header(key_id, segment_size, prefix), object_id)
         self._size = segment_size
-        self._partial = bytearray()
+        #: The start of the next segment, in the pieces it arrived in, and their length.
+        self._partial: list[memoryview] = []
+        self._partial_size = 0
         self._held: bytes | memoryview | None = None
         self._index = 0
         self._finished = False
@@ -155,40 +159,47 @@ class Sealer:
             out.append(self._seal(self._held, False))
         self._held = segment
 
-    def update(self, data: bytes | bytearray | memoryview) -> bytes:
+    def _take_partial(self) -> bytes:
+        joined = b"".join(self._partial)
+        self._partial, self._partial_size = [], 0
+        return joined
+
+    def update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Sealed segments that ``data`` completed, in order (often none)."""
         if self._finished:
             raise ValueError("update after finish")
         if not isinstance(data, bytes) and not (isinstance(data, memoryview) and data.readonly):
-            data = bytes(data)  # a held segment must not change under us
+            data = bytes(data)  # what is kept must not change under us
         size = self._size
         view = memoryview(data)
         out: list[bytes] = []
         if self._partial:
-            need = size - len(self._partial)
-            self._partial += view[:need]
+            need = size - self._partial_size
+            self._partial.append(view[:need])
+            self._partial_size += len(self._partial[-1])
             view = view[need:]
-            if len(self._partial) < size:
-                return b""
-            self._push(bytes(self._partial), out)
-            self._partial = bytearray()
+            if self._partial_size < size:
+                return out
+            self._push(self._take_partial(), out)
         while len(view) >= size:
             self._push(view[:size], out)
             view = view[size:]
         if len(view):
-            self._partial += view
-        return b"".join(out)
+            self._partial.append(view)
+            self._partial_size = len(view)
+        return out
 
-    def finish(self) -> bytes:
+    def finish(self) -> list[bytes]:
+        """The sealed segments still held: at least the last one, which may be empty."""
         if self._finished:
             raise ValueError("finish called twice")
         self._finished = True
         out: list[bytes] = []
         if self._partial:
-            self._push(bytes(self._partial), out)
+            self._push(self._take_partial(), out)
         held, self._held = self._held, None
         out.append(self._seal(held if held is not None else b"", True))
-        self._partial = bytearray()
-        return b"".join(out)
+        return out
 
 
 @dataclass(frozen=True)

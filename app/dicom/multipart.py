@@ -84,14 +84,14 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncGe
     """
     validate_boundary(boundary)
     delimiter = b"\r\n--" + boundary.encode("ascii")
-    keep = len(delimiter) - 1
     # Pretend the body starts with CRLF so that a first delimiter at offset 0 matches.
     buf = bytearray(b"\r\n")
     source = chunks.__aiter__()
     eof = False
     received = 0
 
-    async def fill() -> bool:
+    async def take() -> bytes | None:
+        """The next non-empty chunk, or ``None`` at the end of the body."""
         nonlocal eof, received
         while not eof:
             try:
@@ -101,9 +101,15 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncGe
                 break
             if chunk:
                 received += len(chunk)
-                buf.extend(chunk)
-                return True
-        return False
+                return chunk
+        return None
+
+    async def fill() -> bool:
+        chunk = await take()
+        if chunk is None:
+            return False
+        buf.extend(chunk)
+        return True
 
     # Preamble: everything before the first delimiter is ignored (RFC 2046 §5.1.1).
     while True:
@@ -170,25 +176,57 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: str) -> AsyncGe
         parts += 1
         yield PartStart(_parse_headers(header_block))
 
-        # Part body runs until the next delimiter.
+        # Part body runs until the next delimiter. Bytes buffered are scanned there; after
+        # that, a chunk that holds no delimiter (nearly all of a large part) is passed on as
+        # it came, uncopied: only an end that could begin a delimiter is held back.
         while True:
             idx = buf.find(delimiter)
             if idx >= 0:
                 if idx:
-                    yield PartData(bytes(buf[:idx]))
-                del buf[: idx + len(delimiter)]
+                    yield PartData(_split_off(buf, idx))
+                del buf[: len(delimiter)]
                 yield PartEnd()
                 break
-            if len(buf) > keep:
-                # The tail may hold the start of a delimiter split across chunks.
-                cut = len(buf) - keep
-                yield PartData(bytes(buf[:cut]))
-                del buf[:cut]
-            if not await fill():
+            cut = len(buf) - _delimiter_start(buf, delimiter)
+            if cut:
+                yield PartData(_split_off(buf, cut))
+            chunk = await take()
+            if chunk is None:
                 raise MultipartError(
                     f"truncated multipart body: the stream ended inside part {parts}, "
                     f"before the closing boundary '--{boundary}--'"
                 )
+            if (
+                len(chunk) < len(delimiter)
+                or (buf and delimiter in bytes(buf) + chunk[: len(delimiter) - 1])
+                or delimiter in chunk
+            ):
+                buf.extend(chunk)  # the part ends here (or may): the scan above finds where
+                continue
+            if buf:  # the start of a delimiter that this chunk does not complete: data
+                yield PartData(_split_off(buf, len(buf)))
+            keep = _delimiter_start(chunk, delimiter)
+            yield PartData(chunk[: len(chunk) - keep] if keep else chunk)
+            buf.extend(chunk[len(chunk) - keep :])
+
+
+def _split_off(buf: bytearray, n: int) -> bytes:
+    """The first ``n`` bytes of ``buf``, removed from it: one copy, not a slice and a copy."""
+    with memoryview(buf) as view, view[:n] as head:
+        data = bytes(head)
+    del buf[:n]
+    return data
+
+
+def _delimiter_start(data: bytes | bytearray, delimiter: bytes) -> int:
+    """How many bytes at the end of ``data`` could be the start of ``delimiter``."""
+    # A delimiter starts with CR: only a CR near the end can begin one.
+    at = data.find(b"\r", max(len(data) - len(delimiter) + 1, 0))
+    while at >= 0:
+        if delimiter.startswith(data[at:]):
+            return len(data) - at
+        at = data.find(b"\r", at + 1)
+    return 0
 
 
 def new_boundary() -> str:

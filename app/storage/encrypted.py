@@ -33,8 +33,6 @@ class _InnerWriter(Protocol):
     @property
     def key(self) -> str: ...
 
-    async def write(self, data: bytes) -> None: ...
-
     def write_blocking(self, data: bytes) -> None: ...
 
     async def finish(self) -> None: ...
@@ -69,6 +67,8 @@ class EncryptingWriter:
         self._keys = keys
         self._size = 0
         self._finished = False
+        self._header_written = False
+        self._absorbing: asyncio.Future[None] | None = None
         self._prefix = bytearray()
         self._tail = b""
         self._sha256 = hashlib.sha256()
@@ -111,16 +111,21 @@ class EncryptingWriter:
         # cipher and the write all release the GIL, so this work runs on another core while
         # the event loop receives; network reads are too small to be worth a trip each.
         pending, self._pending, self._pending_size = self._pending, [], 0
-        await asyncio.to_thread(self._absorb, pending, last)
+        # Shielded and kept: a cancelled caller must not leave the job running unseen, or
+        # ``abort`` could remove the staged file before the job creates or writes it.
+        self._absorbing = asyncio.ensure_future(asyncio.to_thread(self._absorb, pending, last))
+        await asyncio.shield(self._absorbing)
 
     def _absorb(self, pending: list[bytes], last: bool) -> None:
-        sealed = []
+        sealed: list[bytes] = [] if self._header_written else [self._sealer.header]
+        self._header_written = True
         for data in pending:
             self._sha256.update(data)
-            sealed.append(self._sealer.update(data))
+            sealed += self._sealer.update(data)
         if last:
-            sealed.append(self._sealer.finish())
-        self._inner.write_blocking(b"".join(sealed))
+            sealed += self._sealer.finish()
+        for segment in sealed:  # a write each rather than a copy into one
+            self._inner.write_blocking(segment)
 
     async def finish(self) -> None:
         if not self._finished:
@@ -142,6 +147,8 @@ class EncryptingWriter:
         await self._inner.commit()
 
     async def abort(self) -> None:
+        if self._absorbing is not None:
+            await asyncio.wait([self._absorbing])  # its outcome no longer matters
         await self._inner.abort()
 
 
@@ -160,11 +167,6 @@ class EncryptedInstanceStore:
             key_id, key = self._keys.for_writing(trust)
         inner = await self._inner.create()
         sealer = Sealer(key, key_id, inner.key, self._segment_size)
-        try:
-            await inner.write(sealer.header)
-        except BaseException:
-            await inner.abort()
-            raise
         return EncryptingWriter(inner, sealer, self._keys)
 
     def _open(self, key: str) -> DecryptingReader:

@@ -33,7 +33,10 @@ class FileBlobWriter:
         self._store = store
         self._key = key
         self._staged = store.staging_dir / key
-        self._file: IO[bytes] | None = open(self._staged, "xb")  # noqa: SIM115
+        # Created by the first write, in the worker thread that makes it: creating a file
+        # is metadata work (and, on a busy filesystem, a wait) the event loop should not do.
+        self._file: IO[bytes] | None = None
+        self._finished = False
         self._size = 0
 
     @property
@@ -45,26 +48,25 @@ class FileBlobWriter:
         return self._size
 
     def write_blocking(self, data: bytes) -> None:
-        """``write`` for worker threads (the caller never runs two at once)."""
-        assert self._file is not None, "write after finish"
+        """Append ``data``; blocking, for worker threads (the caller never runs two at once)."""
+        assert not self._finished, "write after finish"
         try:
+            if self._file is None:
+                self._file = open(self._staged, "xb")  # noqa: SIM115
             self._file.write(data)
         except OSError as exc:
             raise _unwritable(exc) from exc
         self._size += len(data)
 
-    async def write(self, data: bytes) -> None:
-        # Small writes go to the OS page cache and return at once; a thread hop would cost more.
-        self.write_blocking(data)
-
     async def finish(self) -> None:
-        if self._file is None:
+        if self._finished:
             return
+        self._finished = True
         f, self._file = self._file, None
         try:
             # Shielded: a cancelled wait must not cancel the job before it runs, or the
             # file handed over would never be closed.
-            await asyncio.shield(asyncio.to_thread(_flush_and_close, f))
+            await asyncio.shield(asyncio.to_thread(_flush_and_close, f, self._staged))
         except OSError as exc:
             raise _unwritable(exc) from exc
 
@@ -81,6 +83,7 @@ class FileBlobWriter:
 
     async def abort(self) -> None:
         """Discard the staged bytes; safe to call at any point, and more than once."""
+        self._finished = True
         if self._file is not None:
             f, self._file = self._file, None
             try:
@@ -94,7 +97,9 @@ def _unwritable(exc: OSError) -> ServiceUnavailable:
     return ServiceUnavailable(f"the blob store cannot be written: {exc.strerror or exc}")
 
 
-def _flush_and_close(f: IO[bytes]) -> None:
+def _flush_and_close(f: IO[bytes] | None, path: Path) -> None:
+    if f is None:  # nothing was written: the blob is empty, and must exist all the same
+        f = open(path, "xb")  # noqa: SIM115
     try:
         f.flush()
         os.fsync(f.fileno())
@@ -157,10 +162,7 @@ class FileInstanceStore:
         return self.blob_dir / key[:2] / key[2:4] / key
 
     async def create(self) -> FileBlobWriter:
-        try:
-            return FileBlobWriter(self, secrets.token_hex(16))
-        except OSError as exc:
-            raise _unwritable(exc) from exc
+        return FileBlobWriter(self, secrets.token_hex(16))
 
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         path = self.path_for(key)
