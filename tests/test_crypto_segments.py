@@ -7,12 +7,13 @@ import io
 import os
 import random
 import struct
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from app.crypto.errors import IntegrityError
-from app.crypto.reader import DecryptingReader
+from app.crypto.reader import DecryptingReader, NotCached
 from app.crypto.segments import MAGIC, TAG_SIZE, Sealer
 
 KEY = bytes(range(32))
@@ -150,3 +151,32 @@ def test_wrong_key_is_detected() -> None:
     blob = seal(b"secret")
     with pytest.raises(IntegrityError):
         DecryptingReader(io.BytesIO(blob), lambda _kid: bytes(32), "obj-1").read()
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv's RWF_NOWAIT (Linux)")
+def test_cached_only_opening_never_waits_for_the_disk(tmp_path: Path) -> None:
+    """An object whose pages are not cached refuses to open ``cached_only`` (the event
+    loop then opens it in a worker thread); once read, it opens that way too."""
+    data = os.urandom(3 * SEG + 7)
+    path = tmp_path / "object"
+    path.write_bytes(seal(data))
+    keys = {"dek-1": KEY}
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # clean pages can be dropped from the page cache
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with open(path, "rb") as raw, pytest.raises(NotCached):
+        DecryptingReader(raw, keys.__getitem__, "obj-1", cached_only=True)
+    with open(path, "rb") as raw, DecryptingReader(raw, keys.__getitem__, "obj-1") as reader:
+        assert reader.read() == data
+    with (
+        open(path, "rb") as raw,
+        DecryptingReader(raw, keys.__getitem__, "obj-1", cached_only=True) as reader,
+    ):
+        assert reader.read() == data
+
+
+def test_cached_only_needs_a_real_file() -> None:
+    with pytest.raises(NotCached):
+        DecryptingReader(
+            io.BytesIO(seal(b"x")), {"dek-1": KEY}.__getitem__, "obj-1", cached_only=True
+        )

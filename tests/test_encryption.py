@@ -170,6 +170,21 @@ def test_tampered_frame_segment_fails_the_frame_request(small_segments: IexServe
         assert c.get(url + "/frames/1").status_code == 200  # untouched segments still serve
 
 
+@pytest.mark.parametrize("rows", [16, 400], ids=["one segment", "several segments"])
+def test_objects_not_in_the_page_cache_are_served_whole(
+    small_segments: IexServer, rows: int
+) -> None:
+    """Objects that would make the event loop wait for the disk are opened in a worker
+    thread instead; either way the retrieval is the object stored."""
+    data, url, blob = _store_one(small_segments, rows=rows, columns=rows)
+    with open(blob, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with small_segments.client() as c:
+        r = c.get(url, headers={"Accept": ANY_SYNTAX})
+    assert r.status_code == 200
+    assert data in r.content
+
+
 def test_objects_larger_than_a_read_batch_stream_whole(small_segments: IexServer) -> None:
     """Objects of thousands of segments are decrypted a batch of segments per worker-thread
     trip (app.storage.encrypted.READ_BATCH, 4 MiB): whole objects, several in a row, and frame

@@ -7,32 +7,47 @@ one segment is cached. Blocking: use from worker threads.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from typing import IO
 
-from app.crypto.segments import MAX_HEADER_SIZE, Header, Opener
+from app.crypto.segments import DEFAULT_SEGMENT_SIZE, MAX_HEADER_SIZE, TAG_SIZE, Header, Opener
 from app.rawio import SeekableReader
 
 KeyLookup = Callable[[str], bytes]
 
+#: Bytes read when an object is opened: its header and a whole default-sized segment.
+HEAD_READ = MAX_HEADER_SIZE + DEFAULT_SEGMENT_SIZE + TAG_SIZE
+#: Linux's "fail rather than wait for the disk" flag for preadv, where there is one.
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+class NotCached(Exception):
+    """Opening the object would wait for the disk (``cached_only`` was asked)."""
+
 
 class DecryptingReader(SeekableReader):
-    def __init__(self, raw: IO[bytes], keys: KeyLookup, object_id: str) -> None:
+    """Plaintext of one encrypted object.
+
+    With ``cached_only`` opening reads only what the page cache holds and raises
+    ``NotCached`` otherwise, so an event loop can open an object without waiting on a disk.
+    """
+
+    def __init__(
+        self, raw: IO[bytes], keys: KeyLookup, object_id: str, *, cached_only: bool = False
+    ) -> None:
         super().__init__()
         self._raw = raw
-        self._mmap: mmap.mmap | None = None
-        self._map: memoryview | None = None
-        if _has_fileno(raw):
-            total = os.fstat(raw.fileno()).st_size
-            if total:
-                self._mmap = mmap.mmap(raw.fileno(), total, access=mmap.ACCESS_READ)
-                self._map = memoryview(self._mmap)
-        else:
-            total = _size_by_seek(raw)
-        raw.seek(0)
-        header = Header.decode(raw.read(MAX_HEADER_SIZE), object_id)
+        self._object_id = object_id
+        self._fd: int | None = raw.fileno() if _has_fileno(raw) else None
+        if cached_only and (self._fd is None or _NOWAIT is None):
+            raise NotCached(object_id)
+        self._nowait = cached_only
+        total = os.fstat(self._fd).st_size if self._fd is not None else _size_by_seek(raw)
+        # One read brings the header and, for an object of one segment (most instances),
+        # the whole ciphertext: opening it then costs a single system call.
+        self._head: bytes | bytearray = self._read_at(0, min(total, HEAD_READ))
+        header = Header.decode(bytes(self._head[:MAX_HEADER_SIZE]), object_id)
         self._opener = Opener(keys(header.key_id), header, object_id, total)
         self.layout = self._opener.layout
         self._pos = 0
@@ -41,6 +56,25 @@ class DecryptingReader(SeekableReader):
         # Opening the final segment up front authenticates the object's length, so a read
         # that stops short of the end still detects truncation or appended bytes.
         self.segment(self.layout.segments - 1)
+        self._nowait = False
+
+    def _read_at(self, offset: int, size: int) -> bytes | bytearray:
+        # pread, not a memory map: the copy is made with the GIL released, where faulting
+        # in mapped pages during decryption would hold it.
+        if self._fd is None:
+            self._raw.seek(offset)
+            return self._raw.read(size)
+        if not self._nowait:
+            return os.pread(self._fd, size, offset)
+        assert _NOWAIT is not None
+        buffer = bytearray(size)
+        try:
+            read = os.preadv(self._fd, [buffer], offset, _NOWAIT)
+        except BlockingIOError:
+            read = -1
+        if read != size:  # not (or not all) in the page cache; a short read also lands here
+            raise NotCached(self._object_id)
+        return buffer
 
     @property
     def name(self) -> str:
@@ -56,19 +90,13 @@ class DecryptingReader(SeekableReader):
         if index != self._cached_index:
             layout = self.layout
             offset, want = layout.segment_offset(index), layout.segment_ciphertext_size(index)
-            if self._map is not None:
-                # Decrypt straight from the page cache: no copy into a read buffer. The view
-                # is released even on failure, or the mapping could not be closed.
-                with self._map[offset : offset + want] as ciphertext:
+            if offset + want <= len(self._head):
+                with memoryview(self._head)[offset : offset + want] as ciphertext:
                     self._cached = self._opener.open(index, ciphertext)
-                # Pages read stay mapped, and counted in the resident set, until dropped:
-                # an object of 1 GB read end to end would otherwise look like 1 GB of memory.
-                # They stay in the page cache; reading them again only faults them back.
-                assert self._mmap is not None
-                _drop_pages(self._mmap, offset, want)
             else:
-                self._raw.seek(offset)
-                self._cached = self._opener.open(index, self._raw.read(want))
+                if index < layout.segments - 1:  # reading on past the first segment
+                    self._head = b""
+                self._cached = self._opener.open(index, self._read_at(offset, want))
             self._cached_index = index
         return self._cached
 
@@ -99,23 +127,9 @@ class DecryptingReader(SeekableReader):
 
     def close(self) -> None:
         if not self.closed:
-            self._cached = b""
-            if self._map is not None:
-                self._map.release()
-                self._map = None
-            if self._mmap is not None:
-                self._mmap.close()
-                self._mmap = None
+            self._cached = self._head = b""
             self._raw.close()
         super().close()
-
-
-def _drop_pages(mapping: mmap.mmap, offset: int, length: int) -> None:
-    """Unmap the whole pages within [offset, offset + length) from this process."""
-    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _has_fileno(raw: IO[bytes]) -> bool:

@@ -251,7 +251,7 @@ class Opener:
         self.layout = layout_for(header, total_size, object_id)
         self.object_id = object_id
 
-    def open(self, index: int, ciphertext: bytes | memoryview) -> bytes:
+    def open(self, index: int, ciphertext: bytes | bytearray | memoryview) -> bytes:
         layout = self.layout
         if not 0 <= index < layout.segments:
             raise IndexError(index)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from app.dicom.instance import InstanceHeader, InvalidInstance, read_instance_header
 from app.dicom.media import DICOM, parse_media_type
@@ -295,8 +295,7 @@ class StowService:
         self, writer: BlobWriter, study_uid: str | None, source: str | None
     ) -> _Staged | FailedInstance:
         try:
-            await writer.finish()
-            header = await asyncio.to_thread(self._parse, writer)
+            header = await writer.finish_and_read(self._read_header)
         except InvalidInstance as exc:
             await writer.abort()
             return FailedInstance(exc.reason, exc.detail, source=source)
@@ -314,9 +313,8 @@ class StowService:
             )
         return _Staged(writer, writer.sha256, header, source)
 
-    def _parse(self, writer: BlobWriter) -> InstanceHeader:
-        with writer.open_staged() as fp:
-            return read_instance_header(fp, self._limits.bulk_data_threshold)
+    def _read_header(self, fp: IO[bytes]) -> InstanceHeader:
+        return read_instance_header(fp, self._limits.bulk_data_threshold)
 
     async def _publish(self, staged: list[_Staged]) -> None:
         """Commit every blob; concurrently, so the filesystem can batch the fsyncs.

@@ -7,13 +7,15 @@ from client strings, so no UID ever becomes a path.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeVar
 
 from app.dicom.instance import InstanceHeader
 from app.dicom.query import Query, QueryResult
+
+T = TypeVar("T")
 
 
 class BlobWriter(Protocol):
@@ -33,6 +35,9 @@ class BlobWriter(Protocol):
 
     async def finish(self) -> None:
         """Flush and make the staged bytes durable; after this ``open_staged`` may read them."""
+
+    async def finish_and_read(self, read: Callable[[IO[bytes]], T]) -> T:
+        """``finish``, then ``read`` the staged bytes in the same worker thread."""
 
     def open_staged(self) -> IO[bytes]:
         """A blocking, seekable reader of the staged bytes (for parsing in a worker thread)."""

@@ -12,10 +12,10 @@ import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterator, Callable
-from typing import IO, Protocol, cast
+from typing import IO, Any, Protocol, TypeVar, cast
 
 from app.crypto.keystore import DataKeys
-from app.crypto.reader import DecryptingReader
+from app.crypto.reader import DecryptingReader, NotCached
 from app.crypto.segments import Sealer
 from app.rawio import SeekableReader
 
@@ -28,6 +28,8 @@ STAGED_TAIL = 4 * 1024
 #: Plaintext decrypted per trip to a worker thread when streaming a blob.
 READ_BATCH = 4 * 1024 * 1024
 
+T = TypeVar("T")
+
 
 class _InnerWriter(Protocol):
     @property
@@ -36,6 +38,8 @@ class _InnerWriter(Protocol):
     def write_blocking(self, data: bytes) -> None: ...
 
     async def finish(self) -> None: ...
+
+    def finish_blocking(self) -> None: ...
 
     def open_staged(self) -> IO[bytes]: ...
 
@@ -68,7 +72,8 @@ class EncryptingWriter:
         self._size = 0
         self._finished = False
         self._header_written = False
-        self._absorbing: asyncio.Future[None] | None = None
+        #: The last job handed to a worker thread, which ``abort`` waits for.
+        self._job: asyncio.Future[Any] | None = None
         self._prefix = bytearray()
         self._tail = b""
         self._sha256 = hashlib.sha256()
@@ -107,14 +112,22 @@ class EncryptingWriter:
             await self._absorb_pending(last=False)
 
     async def _absorb_pending(self, *, last: bool) -> None:
-        # Hashing, sealing and writing a batch in one worker-thread trip: the digest, the
-        # cipher and the write all release the GIL, so this work runs on another core while
-        # the event loop receives; network reads are too small to be worth a trip each.
+        # Hashing, sealing and writing a batch in one worker-thread trip: the digest and
+        # the write release the GIL, so this work runs on another core while the event loop
+        # receives; network reads are too small to be worth a trip each.
+        pending = self._take_pending()
+        await self._in_thread(lambda: self._absorb(pending, last))
+
+    def _take_pending(self) -> list[bytes]:
         pending, self._pending, self._pending_size = self._pending, [], 0
+        return pending
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
         # Shielded and kept: a cancelled caller must not leave the job running unseen, or
         # ``abort`` could remove the staged file before the job creates or writes it.
-        self._absorbing = asyncio.ensure_future(asyncio.to_thread(self._absorb, pending, last))
-        await asyncio.shield(self._absorbing)
+        job = asyncio.ensure_future(asyncio.to_thread(work))
+        self._job = job
+        return await asyncio.shield(job)
 
     def _absorb(self, pending: list[bytes], last: bool) -> None:
         sealed: list[bytes] = [] if self._header_written else [self._sealer.header]
@@ -129,9 +142,31 @@ class EncryptingWriter:
 
     async def finish(self) -> None:
         if not self._finished:
-            self._finished = True
-            await self._absorb_pending(last=True)
-        await self._inner.finish()
+            await self._in_thread(self._finisher())
+
+    async def finish_and_read(self, read: Callable[[IO[bytes]], T]) -> T:
+        """``finish``, then ``read`` the staged plaintext: one worker-thread trip for both."""
+        finish = self._finisher()
+
+        def run() -> T:
+            finish()
+            with self.open_staged() as fp:
+                return read(fp)
+
+        return await self._in_thread(run)
+
+    def _finisher(self) -> Callable[[], None]:
+        """The blocking rest of ``finish``: the last batch sealed, the file made durable."""
+        if self._finished:
+            return lambda: None
+        self._finished = True
+        pending = self._take_pending()
+
+        def finish() -> None:
+            self._absorb(pending, True)
+            self._inner.finish_blocking()
+
+        return finish
 
     def open_staged(self) -> IO[bytes]:
         """The plaintext written, for reading back (the header parse): its first and last
@@ -147,8 +182,8 @@ class EncryptingWriter:
         await self._inner.commit()
 
     async def abort(self) -> None:
-        if self._absorbing is not None:
-            await asyncio.wait([self._absorbing])  # its outcome no longer matters
+        if self._job is not None:
+            await asyncio.wait([self._job])  # its outcome no longer matters
         await self._inner.abort()
 
 
@@ -169,8 +204,13 @@ class EncryptedInstanceStore:
         sealer = Sealer(key, key_id, inner.key, self._segment_size)
         return EncryptingWriter(inner, sealer, self._keys)
 
-    def _open(self, key: str) -> DecryptingReader:
-        return DecryptingReader(self._inner.open_blocking(key), self._keys.key, key)
+    def _open(self, key: str, *, cached_only: bool = False) -> DecryptingReader:
+        raw = self._inner.open_blocking(key)
+        try:
+            return DecryptingReader(raw, self._keys.key, key, cached_only=cached_only)
+        except BaseException:
+            raw.close()
+            raise
 
     def open_blocking(self, key: str) -> IO[bytes]:
         return _buffered(self._open(key))
@@ -178,18 +218,23 @@ class EncryptedInstanceStore:
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         # Opening authenticates the header and the final segment (so the length is genuine);
         # every other segment is authenticated as it is read. A trip to a worker thread
-        # costs more than decrypting a segment, so each trip decrypts up to READ_BATCH
-        # bytes, and the first one opens the object too: one trip for a typical instance.
-        def open_and_read() -> tuple[_Batches, list[bytes]]:
-            reader = self._open(key)
-            try:
-                batches = _Batches(reader, start, end)
-                return batches, batches.next()
-            except BaseException:
-                reader.close()
-                raise
-
-        batches, batch = await asyncio.to_thread(open_and_read)
+        # costs more than reading and decrypting one segment from the page cache, so an
+        # object whose opening reads are all cached is opened right here: for an instance
+        # of one segment (most of them) that is the whole of it. Anything that would wait
+        # for the disk, and each further READ_BATCH bytes, goes to a worker thread.
+        try:
+            reader = self._open(key, cached_only=True)
+        except NotCached:
+            reader = await asyncio.to_thread(self._open, key)
+        try:
+            batches = _Batches(reader, start, end)
+            if reader.layout.segments == 1:  # already decrypted by opening
+                batch = batches.next()
+            else:
+                batch = await asyncio.to_thread(batches.next)
+        except BaseException:
+            reader.close()
+            raise
         try:
             while batch:
                 for chunk in batch:
@@ -212,8 +257,7 @@ class EncryptedInstanceStore:
 
 class _Batches:
     """The plaintext of [start, end) of one object, about ``READ_BATCH`` bytes at a time
-    (whole segments). The batch that reaches the end also closes the object, in the same
-    worker thread: unmapping it is a system call the event loop need not wait for."""
+    (whole segments). The batch that reaches the end also closes the object."""
 
     def __init__(self, reader: DecryptingReader, start: int, end: int | None) -> None:
         self.reader = reader

@@ -58,17 +58,22 @@ class FileBlobWriter:
             raise _unwritable(exc) from exc
         self._size += len(data)
 
-    async def finish(self) -> None:
+    def finish_blocking(self) -> None:
+        """``finish`` for worker threads."""
         if self._finished:
             return
         self._finished = True
         f, self._file = self._file, None
         try:
-            # Shielded: a cancelled wait must not cancel the job before it runs, or the
-            # file handed over would never be closed.
-            await asyncio.shield(asyncio.to_thread(_flush_and_close, f, self._staged))
+            _flush_and_close(f, self._staged)
         except OSError as exc:
             raise _unwritable(exc) from exc
+
+    async def finish(self) -> None:
+        if not self._finished:
+            # Shielded: a cancelled wait must not cancel the job before it runs, or the
+            # file would never be closed.
+            await asyncio.shield(asyncio.to_thread(self.finish_blocking))
 
     def open_staged(self) -> IO[bytes]:
         return open(self._staged, "rb")  # noqa: SIM115
