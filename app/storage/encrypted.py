@@ -109,25 +109,34 @@ class EncryptingWriter:
         self._pending.append(data)
         self._pending_size += len(data)
         if self._pending_size >= WRITE_BATCH:
-            await self._absorb_pending(last=False)
-
-    async def _absorb_pending(self, *, last: bool) -> None:
-        # Hashing, sealing and writing a batch in one worker-thread trip: the digest and
-        # the write release the GIL, so this work runs on another core while the event loop
-        # receives; network reads are too small to be worth a trip each.
-        pending = self._take_pending()
-        await self._in_thread(lambda: self._absorb(pending, last))
+            # Hashing, sealing and writing a batch in one worker-thread trip (network reads
+            # are too small to be worth a trip each). The batch before must be done first,
+            # as the digest and the cipher run in order, but this one is not waited for:
+            # the next batch is received meanwhile.
+            await self._settled()
+            pending = self._take_pending()
+            self._start(lambda: self._absorb(pending, False))
 
     def _take_pending(self) -> list[bytes]:
         pending, self._pending, self._pending_size = self._pending, [], 0
         return pending
 
-    async def _in_thread(self, work: Callable[[], T]) -> T:
-        # Shielded and kept: a cancelled caller must not leave the job running unseen, or
-        # ``abort`` could remove the staged file before the job creates or writes it.
+    def _start(self, work: Callable[[], T]) -> asyncio.Future[T]:
+        # Kept: ``abort`` must not remove the staged file before the job creates or
+        # writes it, and the next job must not start before this one is done.
         job = asyncio.ensure_future(asyncio.to_thread(work))
         self._job = job
-        return await asyncio.shield(job)
+        return job
+
+    async def _settled(self) -> None:
+        """Wait for the job in flight, if any; raise what it raised."""
+        if self._job is not None:
+            # Shielded: a cancelled caller must not cancel a job that is already running.
+            await asyncio.shield(self._job)
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        await self._settled()
+        return await asyncio.shield(self._start(work))
 
     def _absorb(self, pending: list[bytes], last: bool) -> None:
         sealed: list[bytes] = [] if self._header_written else [self._sealer.header]
@@ -182,8 +191,11 @@ class EncryptingWriter:
         await self._inner.commit()
 
     async def abort(self) -> None:
-        if self._job is not None:
-            await asyncio.wait([self._job])  # its outcome no longer matters
+        job = self._job
+        if job is not None:
+            await asyncio.wait([job])
+            if not job.cancelled():
+                job.exception()  # its outcome no longer matters: seen, so not reported
         await self._inner.abort()
 
 
