@@ -1,12 +1,14 @@
 """A seekable, read-only file object over an encrypted object.
 
 pydicom and range reads see plaintext; only the segments touched are read and decrypted,
-one segment is cached. Blocking: use from worker threads.
+one segment is cached. Blocking: use from worker threads, or open ``cached_only`` where
+waiting for a disk is not allowed.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from typing import IO
@@ -53,14 +55,16 @@ class DecryptingReader(SeekableReader):
         self._pos = 0
         self._cached_index = -1
         self._cached = b""
+        self._mmap: mmap.mmap | None = None
+        self._map: memoryview | None = None
         # Opening the final segment up front authenticates the object's length, so a read
         # that stops short of the end still detects truncation or appended bytes.
         self.segment(self.layout.segments - 1)
         self._nowait = False
 
     def _read_at(self, offset: int, size: int) -> bytes | bytearray:
-        # pread, not a memory map: the copy is made with the GIL released, where faulting
-        # in mapped pages during decryption would hold it.
+        # pread: the copy is made with the GIL released, where faulting in mapped pages
+        # during decryption would hold it; the cheaper way for objects of a segment or two.
         if self._fd is None:
             self._raw.seek(offset)
             return self._raw.read(size)
@@ -75,6 +79,16 @@ class DecryptingReader(SeekableReader):
         if read != size:  # not (or not all) in the page cache; a short read also lands here
             raise NotCached(self._object_id)
         return buffer
+
+    def _mapped(self, offset: int, size: int) -> memoryview | None:
+        """Ciphertext [offset, offset + size) straight from the page cache, through a memory
+        map made on first use; ``None`` when the object is not a file."""
+        if self._fd is None:
+            return None
+        if self._map is None:
+            self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            self._map = memoryview(self._mmap)
+        return self._map[offset : offset + size]
 
     @property
     def name(self) -> str:
@@ -93,10 +107,22 @@ class DecryptingReader(SeekableReader):
             if offset + want <= len(self._head):
                 with memoryview(self._head)[offset : offset + want] as ciphertext:
                     self._cached = self._opener.open(index, ciphertext)
+            elif self._nowait or (mapped := self._mapped(offset, want)) is None:
+                self._cached = self._opener.open(index, self._read_at(offset, want))
             else:
+                # Past the opening read, segments are decrypted from a memory map: no copy
+                # into a read buffer, which for large objects read end to end is the
+                # cheaper way. The view is released even on failure, or the map could not
+                # be closed.
                 if index < layout.segments - 1:  # reading on past the first segment
                     self._head = b""
-                self._cached = self._opener.open(index, self._read_at(offset, want))
+                with mapped as ciphertext:
+                    self._cached = self._opener.open(index, ciphertext)
+                # Pages read stay mapped, and counted in the resident set, until dropped:
+                # an object of 1 GB read end to end would otherwise look like 1 GB of memory.
+                # They stay in the page cache; reading them again only faults them back.
+                assert self._mmap is not None
+                _drop_pages(self._mmap, offset, want)
             self._cached_index = index
         return self._cached
 
@@ -128,6 +154,12 @@ class DecryptingReader(SeekableReader):
     def close(self) -> None:
         if not self.closed:
             self._cached = self._head = b""
+            if self._map is not None:
+                self._map.release()
+                self._map = None
+            if self._mmap is not None:
+                self._mmap.close()
+                self._mmap = None
             self._raw.close()
         super().close()
 
@@ -142,3 +174,11 @@ def _has_fileno(raw: IO[bytes]) -> bool:
 
 def _size_by_seek(raw: IO[bytes]) -> int:
     return raw.seek(0, io.SEEK_END)
+
+
+def _drop_pages(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap the whole pages within [offset, offset + length) from this process."""
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
