@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect
 from app import __version__
 from app.deps import Services, declare_security
 from app.errors import IexError
+from app.filelock import FileLock
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers.api import api_router
 from app.routers.auditing import AuditMiddleware
@@ -38,6 +39,9 @@ from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
 from app.transfer.tus import ResumableUploads, UploadLimits
 
 log = logging.getLogger(__name__)
+
+#: Under the data directory: the locks by which the processes serving it take turns.
+RUN_DIR = "run"
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -69,10 +73,17 @@ def create_app(settings: Settings) -> FastAPI:
         data_dir = settings.data_dir
         kek = settings.kek.get_secret_value() if settings.kek else None
         async with AsyncExitStack() as running:
-            # One gateway per data directory; key rotation waits for it to stop.
-            running.enter_context(exclusive(data_dir, "start the gateway"))
+            # Every process serving the data directory holds this; key rotation waits.
+            running.enter_context(exclusive(data_dir, "start the gateway", shared=True))
+            # Processes get ready one at a time: keys, databases and the first admin token
+            # are made once, by the first.
+            startup = FileLock(data_dir / RUN_DIR / "startup.lock")
+            await asyncio.to_thread(startup.acquire, wait=True)
+            running.callback(startup.release)
             keys = await asyncio.to_thread(open_data_keys, data_dir, kek)
-            store = EncryptedInstanceStore(FileInstanceStore(data_dir), keys, settings.segment_size)
+            files = FileInstanceStore(data_dir)
+            running.callback(files.close)
+            store = EncryptedInstanceStore(files, keys, settings.segment_size)
             index = SQLiteMetadataIndex(data_dir / INDEX_FILE, key=keys.index_key)
             await index.open()
             running.push_async_callback(index.close)
@@ -96,11 +107,19 @@ def create_app(settings: Settings) -> FastAPI:
             stow = StowService(
                 store, index, StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold)
             )
-            ingest = UploadIngest(uploads, stow, security.audit, _ingest_policy(settings))
+            ingest = UploadIngest(
+                uploads,
+                stow,
+                security.audit,
+                _ingest_policy(settings),
+                FileLock(data_dir / RUN_DIR / "ingest.lock"),
+            )
             uploads.on_complete = ingest.submit
             await ingest.start()
             running.push_async_callback(ingest.close)
-            housekeeping = Housekeeping(store, index, uploads, settings.upload_sweep_interval)
+            housekeeping = Housekeeping(
+                store, index, uploads, settings.upload_sweep_interval, shared=files.shared
+            )
             housekeeping.start()
             running.push_async_callback(housekeeping.close)
             app.state.services = Services(
@@ -115,6 +134,7 @@ def create_app(settings: Settings) -> FastAPI:
                 metrics=metrics,
                 security=security,
             )
+            startup.release()
             log.info("iex %s ready; data in %s", __version__, data_dir)
             yield
 
@@ -161,3 +181,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``iex serve --workers N``: settings from the
+    environment."""
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app(settings)

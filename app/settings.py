@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     data_dir: Path = Path("./var")
+    #: Processes serving requests (one event loop each, all on the same data directory).
+    #: One process uses about one core; give a machine's cores to reach its throughput.
+    workers: int = Field(default=1, ge=1, le=64)
 
     #: Largest STOW-RS request body accepted, in bytes (413 above it).
     max_request_bytes: int = Field(default=2 * 1024**3, gt=0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import statistics
@@ -315,6 +316,7 @@ async def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="iex-compare-", dir=args.workdir))
     peers: list[Peer] = []
     results = Results(smoke=args.smoke, data=templates.source, rounds=sizes.rounds)
+    results.iex_workers = args.iex_workers
     results.sizes = (
         f"STOW-RS: {sizes.stow_instances} instances (half CT, half MR) in requests of "
         f"{sizes.stow_per_request}, one study per request. WADO-RS and metadata: one study of "
@@ -324,7 +326,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     try:
         try:
-            peers.append(start_iex(work))
+            peers.append(start_iex(work, args.iex_workers))
             if plugin is not None:
                 peers.append(start_orthanc(work, plugin))
             for peer in peers:
@@ -367,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="alternating rounds per measure (5)")
     parser.add_argument("--workdir", type=Path, help="where the servers store (a temp dir)")
     parser.add_argument("--no-docs", action="store_true", help="do not edit docs/BENCHMARKS.md")
+    parser.add_argument(
+        "--iex-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="iex serve --workers: processes serving iex (default: this machine's cores, as "
+        "Orthanc's threads use them all)",
+    )
     args = parser.parse_args(argv)
     return _run_loop(run(args))
 

@@ -74,8 +74,9 @@ def _wait_until_up(process: subprocess.Popen[bytes], url: str, what: str, log: P
     raise RuntimeError(f"{what} did not start within 60 s")
 
 
-def start_iex(work: Path) -> Peer:
-    """``iex serve`` on a free loopback port with an empty data directory under ``work``."""
+def start_iex(work: Path, workers: int = 1) -> Peer:
+    """``iex serve`` on a free loopback port with an empty data directory under ``work``,
+    with ``workers`` processes."""
     data_dir = work / "iex-data"
     data_dir.mkdir(mode=0o700)
     port = free_port()
@@ -83,6 +84,7 @@ def start_iex(work: Path) -> Peer:
     cmd = [
         sys.executable, "-m", "app.cli", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
+        "--workers", str(workers),
     ]  # fmt: skip
     env = {**os.environ, "IEX_LOG_LEVEL": "warning"}
     with open(log_path, "wb") as log:

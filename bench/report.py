@@ -63,6 +63,7 @@ class Results:
     versions: dict[str, str] = field(default_factory=dict)
     sizes: str = ""
     seconds: float = 0.0
+    iex_workers: int = 1
 
     def add(self, name: str, peer: str, measure: Measure) -> None:
         if name not in KINDS:
@@ -173,7 +174,9 @@ def section(results: Results) -> str:
         f"(`nproc`), {results.seconds / 60:.0f} minutes in all. {versions}. Orthanc and its "
         "DICOMweb plugin come from Debian's packages and run with their defaults (so it fsyncs "
         "every stored file, like iex) except authentication, HTTP compression and storage "
-        "compression off (`bench/peers.py`). Both servers listen on 127.0.0.1 with an empty "
+        f"compression off (`bench/peers.py`); iex runs `iex serve --workers "
+        f"{results.iex_workers}`, as Orthanc's threads use every core. Both servers listen on "
+        "127.0.0.1 with an empty "
         f"data directory and receive the same objects: {results.data}, re-identified with "
         f"fresh UIDs per copy, and pydicom's `CT_small.dcm`. {results.sizes} STOW-RS, "
         "metadata and QIDO-RS are sent with httpx; retrievals are read with a plain-socket "

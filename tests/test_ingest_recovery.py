@@ -36,7 +36,8 @@ async def _interrupted(data_dir: Path, payload: bytes, *, mid_ingest: bool) -> t
     """Receive ``payload`` whole and stop before (or during) ingest; the upload id and the
     key of a blob published but never indexed, as a crash mid-commit leaves."""
     keys = open_data_keys(data_dir, None)
-    store = EncryptedInstanceStore(FileInstanceStore(data_dir), keys, 64 * 1024)
+    files = FileInstanceStore(data_dir)
+    store = EncryptedInstanceStore(files, keys, 64 * 1024)
     state = SQLiteUploadState(data_dir / UPLOADS_FILE, key=keys.index_key)
     await state.open()
     try:
@@ -59,6 +60,7 @@ async def _interrupted(data_dir: Path, payload: bytes, *, mid_ingest: bool) -> t
         return upload.id, orphan.key
     finally:
         await state.close()
+        files.close()  # as the process's end would: its staging lock goes with it
 
 
 def _blob_files(data_dir: Path) -> set[str]:

@@ -34,9 +34,9 @@ def test_readyz_fails_when_the_store_is_unwritable(
     make_server: Callable[..., IexServer],
 ) -> None:
     srv = make_server()
-    staging = srv.data_dir / "staging"
+    (staging,) = [p for p in (srv.data_dir / "staging").iterdir() if p.is_dir()]
     staging.rmdir()
-    staging.write_bytes(b"")  # a file where the staging directory should be
+    staging.write_bytes(b"")  # a file where the server's staging directory should be
     try:
         r = httpx.get(srv.url + "/readyz")
         assert r.status_code == 503

@@ -76,7 +76,8 @@ def _state(server: IexServer) -> StoreState:
         instances=m["iex_instances_stored"],
         bytes=m["iex_bytes_stored"],
         blobs=_files(server.data_dir / "blobs"),
-        staged=_files(server.data_dir / "staging"),
+        # Staged blobs, not the lock of the process staging them.
+        staged=frozenset(f for f in _files(server.data_dir / "staging") if not f.endswith(".lock")),
     )
 
 

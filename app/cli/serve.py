@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from app.settings import Settings
 
@@ -19,6 +22,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             ("host", getattr(args, "host", None)),
             ("port", getattr(args, "port", None)),
             ("data_dir", getattr(args, "data_dir", None)),
+            ("workers", getattr(args, "workers", None)),
             ("tls_cert", getattr(args, "tls_cert", None)),
             ("tls_key", getattr(args, "tls_key", None)),
             ("tls_client_ca", getattr(args, "tls_client_ca", None)),
@@ -42,8 +46,18 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    app: Any
+    if settings.workers > 1:
+        # Each worker process builds its own app from the environment, where the options
+        # given on the command line are put first.
+        os.environ.update(_as_environment(settings))
+        app = "app.main:app_from_environment"
+    else:
+        app = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
+        factory=settings.workers > 1,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -53,6 +67,15 @@ def _serve(args: argparse.Namespace) -> int:
         **uvicorn_tls_options(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
     )
     return 0
+
+
+def _as_environment(settings: Settings) -> dict[str, str]:
+    """The settings given on the command line, as the environment variables that give them."""
+    return {
+        f"IEX_{name.upper()}": str(value.resolve() if isinstance(value, Path) else value)
+        for name, value in settings.model_dump(exclude_unset=True).items()
+        if value is not None and not isinstance(value, (list, dict, SecretStr))
+    }
 
 
 def _keys_problem(settings: Settings) -> str | None:
@@ -78,6 +101,9 @@ def register(commands: Any) -> None:
     serve.add_argument("--host", help="address to listen on (IEX_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (IEX_PORT, default 8080)")
     add_data_dir(serve)
+    serve.add_argument(
+        "--workers", type=int, help="processes serving requests (IEX_WORKERS, default 1)"
+    )
     serve.add_argument("--tls-cert", type=Path, help="server certificate, PEM (IEX_TLS_CERT)")
     serve.add_argument("--tls-key", type=Path, help="its private key, PEM (IEX_TLS_KEY)")
     serve.add_argument(

@@ -30,6 +30,7 @@ from app.crypto.keys import (
     write_key_file,
 )
 from app.durable import fsync_dir, write_atomically
+from app.filelock import locked
 
 #: The trust name under which the index key is kept; no real trust may use it.
 INDEX_KEY_OWNER = "@index"
@@ -127,6 +128,18 @@ class KeyStore:
                 next_ring.unlink()  # the rotation never reached its commit point
         self._next(self.kek_path).unlink(missing_ok=True)
 
+    def reload(self, kek: KeyEncryptionKey) -> Keyring:
+        """The keyring as saved now (another process of the gateway may have added keys)."""
+        kek_id, keys = _decode(self.keyring_path.read_bytes(), self.keyring_path)
+        if kek_id != kek.id:
+            raise KeyUnavailable(f"the keyring is now wrapped by {kek_id}, not {kek.id}")
+        return Keyring(kek, keys)
+
+    @property
+    def ring_lock(self) -> Path:
+        """Held while a process adds a key: the keyring is read, extended and saved whole."""
+        return self.directory / "ring.lock"
+
     def save(self, ring: Keyring) -> None:
         write_atomically(self.keyring_path, _encode(ring.kek.id, ring.wrapped_keys))
 
@@ -154,7 +167,10 @@ class DataKeys:
     """The keys a running gateway encrypts with: per-trust DEKs and the index key.
 
     A trust's first write makes its DEK and saves the keyring before any byte is sealed with
-    it, so a key that protects data is always on disk (wrapped) first.
+    it, so a key that protects data is always on disk (wrapped) first. Several processes may
+    serve one data directory: a key is added under a lock on the keyring file, to the
+    keyring as saved (so no process's key is lost, and a trust gets one DEK), and a key
+    another process added is read from disk the first time it is needed.
     """
 
     def __init__(self, store: KeyStore, ring: Keyring) -> None:
@@ -167,14 +183,21 @@ class DataKeys:
         return self._ring
 
     def key(self, key_id: str) -> bytes:
-        return self._ring.key(key_id)
+        """A DEK by id; one this process has not seen yet is looked for on disk (blocking)."""
+        try:
+            return self._ring.key(key_id)
+        except KeyUnavailable:
+            with self._lock:
+                self._ring = self._store.reload(self._ring.kek)
+            return self._ring.key(key_id)
 
     def for_writing(self, trust: str) -> tuple[str, bytes]:
         """The active DEK of ``trust``; made and saved on first use (blocking I/O then)."""
         active = self._ring.active(trust)
         if active is not None:
             return active
-        with self._lock:
+        with self._lock, locked(self._store.ring_lock):
+            self._ring = self._store.reload(self._ring.kek)
             active = self._ring.active(trust)
             if active is None:
                 self._ring.new_key(trust)

@@ -2,9 +2,10 @@
 
 Blobs are published before the index (or the upload state) commits the reference to them,
 so that a reference never names a missing blob. The price is that a crash between the two
-leaves blobs nobody references: never served, only wasted space. They can only be orphans
-of a previous run, since one gateway owns a data directory at a time; so reclaiming
-considers only blobs last written before this process started, once, at start.
+leaves blobs nobody references: never served, only wasted space. Reclaiming runs once, at
+start, over blobs last written or published before then. When other processes serve the
+same data directory, a blob of theirs may be published and not yet referenced, so only blobs
+older than a grace period are considered; those younger wait for a later start.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from app.transfer.tus import ResumableUploads
 log = logging.getLogger(__name__)
 
 
+#: How long another process may take from publishing a blob to recording it (far longer
+#: than it does: one transaction).
+ORPHAN_GRACE = 600.0
+
+
 class Housekeeping:
     def __init__(
         self,
@@ -27,12 +33,15 @@ class Housekeeping:
         uploads: ResumableUploads,
         sweep_interval: float,
         started_at: float | None = None,
+        *,
+        shared: bool = False,
     ) -> None:
         self._store = store
         self._index = index
         self._uploads = uploads
         self._interval = sweep_interval
-        self._started_at = time.time() if started_at is None else started_at
+        started = time.time() if started_at is None else started_at
+        self._reclaim_before = started - ORPHAN_GRACE if shared else started
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -63,7 +72,7 @@ class Housekeeping:
         """Delete blobs from before this start that neither the index nor an upload names."""
         referenced = await self._index.blob_keys() | await self._uploads.blob_keys()
         reclaimed = 0
-        async for batch in self._store.keys(older_than=self._started_at):
+        async for batch in self._store.keys(older_than=self._reclaim_before):
             for key in batch:
                 if key not in referenced:
                     await self._store.delete(key)

@@ -35,6 +35,7 @@ from app.crypto.errors import IntegrityError
 from app.dicom.multipart import PartEnd, PartEvent, PartStart, read_multipart
 from app.dicom.status import DESCRIPTIONS
 from app.errors import BadRequest, IexError
+from app.filelock import FileLock
 from app.services.audit import AccessFacts, AuditTrail, ObjectRef
 from app.services.stow import FailedInstance, StoreResult, StowService
 from app.transfer.archives import ArchiveLimits, NonDicomPolicy, SkippedMember, archive_events
@@ -42,6 +43,9 @@ from app.transfer.tus import ResumableUploads
 from app.transfer.uploads import DICOM_MULTIPART, Upload, UploadState
 
 log = logging.getLogger(__name__)
+
+#: Seconds between looks for uploads that another process of the gateway received.
+INGEST_POLL = 1.0
 
 #: Bytes read at the start of a multipart payload to find its boundary when none was given.
 _BOUNDARY_SNIFF = 80
@@ -111,41 +115,76 @@ class UploadIngest:
         stow: StowService,
         audit: AuditTrail,
         policy: IngestPolicy,
+        turn: FileLock,
     ) -> None:
         self._uploads = uploads
         self._stow = stow
         self._audit = audit
         self._policy = policy
+        self._turn = turn
         self._queue: asyncio.Queue[Upload] = asyncio.Queue()
+        self._queued: set[str] = set()
         self._progress: dict[str, _Progress] = {}
-        self._worker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- running --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Take up uploads a previous run left queued or half-ingested, then serve the
-        queue in the background."""
-        for upload in await self._uploads.pending_ingest():
-            self.submit(upload)
-        self._worker = asyncio.create_task(self._work(), name="upload-ingest")
+        """Ingest in the background, in whichever process of the gateway holds ``turn``.
+
+        The ingesting process takes up uploads a previous run left queued or half-ingested,
+        and those that other processes received. The others wait for their turn, which
+        comes when the ingesting process is gone (however it ended).
+        """
+        self._tasks = [
+            asyncio.create_task(self._work(), name="upload-ingest"),
+            asyncio.create_task(self._watch(), name="upload-ingest-watch"),
+        ]
 
     def submit(self, upload: Upload) -> None:
-        self._queue.put_nowait(upload)
+        """Ingest ``upload`` soon: at once here when this process ingests, else when the
+        process that does next looks for pending uploads."""
+        if self._turn.held and upload.id not in self._queued:
+            self._queued.add(upload.id)
+            self._queue.put_nowait(upload)
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._turn.release()
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                if self._turn.held or await asyncio.to_thread(self._turn.acquire):
+                    for upload in await self._uploads.pending_ingest():
+                        self.submit(upload)
+            except Exception:
+                log.exception("looking for uploads to ingest failed")
+            await asyncio.sleep(INGEST_POLL)
 
     async def _work(self) -> None:
         while True:
             upload = await self._queue.get()
             try:
-                await self._ingest(upload)
+                if await self._still_pending(upload):
+                    await self._ingest(upload)
             except Exception:
                 # Not even the failure could be recorded (the state database is down): the
                 # upload stays pending and is taken up again at the next start.
                 log.exception("ingest of upload %s could not be recorded", upload.id)
+            finally:
+                self._queued.discard(upload.id)
+
+    async def _still_pending(self, upload: Upload) -> bool:
+        """Whether ``upload`` awaits ingest now: a list of pending uploads read a moment
+        ago may name one that has been ingested since."""
+        try:
+            current = await self._uploads.get(upload.trust, upload.id)
+        except IexError:
+            return False  # terminated or gone meanwhile
+        return current.state.ingest_pending
 
     # -- one upload -----------------------------------------------------------------------
 

@@ -1,14 +1,13 @@
 """Opening, inspecting and rotating the gateway's keys; shared by ``iex serve`` and ``iex keys``.
 
-The KEK and keyring live under ``<data-dir>/keys``. A running gateway holds ``keys/lock``;
-rotation takes it too, so keys never change under a running gateway (whose keyring is in
-memory) — rotation is an offline operation of seconds, as it touches no data.
+The KEK and keyring live under ``<data-dir>/keys``. Every process of a running gateway holds
+``keys/lock`` shared; rotation takes it exclusively, so keys never change under a running
+gateway (whose keyring is in memory) — rotation is an offline operation of seconds, as it
+touches no data.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from app.crypto.errors import IntegrityError, KeyUnavailable
 from app.crypto.keys import KeyEncryptionKey, decode_kek
 from app.crypto.keystore import INDEX_KEY_OWNER, DataKeys, KeyStore
 from app.crypto.segments import MAX_HEADER_SIZE, Header
+from app.filelock import FileLock
 
 INDEX_FILE = "index.sqlite3"
 
@@ -36,22 +36,20 @@ def data_exists(data_dir: Path) -> bool:
 
 
 @contextmanager
-def exclusive(data_dir: Path, purpose: str) -> Iterator[None]:
-    """Hold ``keys/lock``: one gateway per data directory, and no rotation while it runs."""
-    directory = data_dir / "keys"
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+def exclusive(data_dir: Path, purpose: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold ``keys/lock``: shared by every process of a running gateway, exclusively by key
+    rotation, so keys never change under a running gateway."""
+    lock = FileLock(data_dir / "keys" / "lock")
+    if not lock.acquire(shared=shared):
+        what = "a key rotation is running" if shared else "a gateway is running"
+        raise KeyUnavailable(
+            f"cannot {purpose}: another iex process holds {lock.path} "
+            f"({what} on this data directory; wait for it or stop it first)"
+        )
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KeyUnavailable(
-                f"cannot {purpose}: another iex process holds {directory / 'lock'} "
-                "(a gateway is running on this data directory; stop it first)"
-            ) from None
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def open_data_keys(data_dir: Path, kek: str | None) -> DataKeys:

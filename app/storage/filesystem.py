@@ -1,11 +1,13 @@
 """Blobs as files under the data directory.
 
-Layout: ``blobs/ab/cd/<key>`` for committed blobs and ``staging/<key>`` while writing. A blob
+Layout: ``blobs/ab/cd/<key>`` for committed blobs and ``staging/<process>/<key>`` while
+writing. A blob
 is written to staging, fsynced, then renamed into place (atomic on one filesystem) and the
 directory fsynced, so a crash leaves either nothing or a whole blob, never half of one.
 Keys are random hex chosen here; no client string ever reaches a path.
 
-After a crash, staged files are deleted at startup: nobody was ever told they were stored.
+Staged files of a process that is gone (a crash) are deleted when the next one starts:
+nobody was ever told they were stored.
 The index commits after the blobs it references are published, so the index never names a
 missing blob; the price is that a crash between publishing and that commit leaves blobs
 that nothing references. They are never served, only wasted space, and reclaiming them
@@ -17,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
 from app.durable import fsync_dir
 from app.errors import NotFound, ServiceUnavailable
+from app.filelock import FileLock
 
 READ_CHUNK = 1024 * 1024
+_LOCK = ".lock"
 _KEY_CHARS = frozenset("0123456789abcdef")
 
 
@@ -132,6 +137,26 @@ def _publish(staged: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def _remove_abandoned(staging: Path) -> int:
+    """Remove what processes that are gone staged; how many others are still staging."""
+    alive = 0
+    for entry in staging.iterdir():
+        if entry.name.endswith(_LOCK):
+            owner = FileLock(entry)
+            if not owner.acquire():
+                alive += 1
+                continue
+            shutil.rmtree(staging / entry.name[: -len(_LOCK)], ignore_errors=True)
+            entry.unlink(missing_ok=True)
+            owner.release()
+        elif entry.is_dir():
+            if not (staging / (entry.name + _LOCK)).exists():
+                shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)  # staged when all processes shared one directory
+    return alive
+
+
 def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir())
 
@@ -141,7 +166,9 @@ def _blobs_before(directory: Path, older_than: float) -> list[str]:
     for entry in os.scandir(directory):
         if len(entry.name) == 32 and _KEY_CHARS.issuperset(entry.name):
             try:
-                if entry.stat().st_mtime < older_than:
+                # ctime, not mtime: publishing (a rename) changes it, so a blob staged long
+                # ago and only just published does not look old.
+                if entry.stat().st_ctime < older_than:
                     keys.append(entry.name)
             except FileNotFoundError:
                 continue  # deleted meanwhile
@@ -154,12 +181,26 @@ class FileInstanceStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.blob_dir = root / "blobs"
-        self.staging_dir = root / "staging"
-        for d in (self.blob_dir, self.staging_dir):
+        staging = root / "staging"
+        for d in (self.blob_dir, staging):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Staged files left by a crash were never acknowledged to anyone.
-        for leftover in self.staging_dir.iterdir():
-            leftover.unlink(missing_ok=True)
+        # Each process stages in a directory of its own, beside a lock it holds while it
+        # runs: staged files of a process that is gone were never acknowledged to anyone,
+        # and a directory whose lock can be taken (or that has none) is such a process's.
+        #: Whether another process was serving this directory when this store opened.
+        self.shared = _remove_abandoned(staging) > 0
+        name = secrets.token_hex(8)
+        self._owner = FileLock(staging / (name + _LOCK))
+        self._owner.acquire()  # before the directory exists, so it is never unowned
+        self.staging_dir = staging / name
+        self.staging_dir.mkdir(mode=0o700)
+
+    def close(self) -> None:
+        """Stop staging: the staging directory goes, and with it anything still in it."""
+        if self._owner.held:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            self._owner.path.unlink(missing_ok=True)
+            self._owner.release()
 
     def path_for(self, key: str) -> Path:
         if len(key) != 32 or not _KEY_CHARS.issuperset(key):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.crypto.sqlcipher import connect
+from app.filelock import Turns
 
 T = TypeVar("T")
 
@@ -60,6 +61,7 @@ class SQLiteDatabase:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._writer: sqlite3.Connection | None = None
+        self._turns: Turns | None = None
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` with the writer connection on the writer thread."""
@@ -67,7 +69,11 @@ class SQLiteDatabase:
         def run() -> T:
             if self._writer is None:
                 self._writer = _connect(self.path, self._key, self._setup)
-            return fn(self._writer)
+                self._turns = Turns(self.path.with_name(self.path.name + ".lock"))
+            assert self._turns is not None
+            # Several processes may serve one data directory: they write in turns.
+            with self._turns:
+                return fn(self._writer)
 
         return await asyncio.get_running_loop().run_in_executor(self._writer_pool, run)
 
@@ -90,6 +96,9 @@ class SQLiteDatabase:
 
         if self._writer is not None:
             await self.write(close_writer)
+        if self._turns is not None:
+            self._turns.close()
+            self._turns = None
         self._writer_pool.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
         for conn in self._readers:

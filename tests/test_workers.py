@@ -1,0 +1,124 @@
+"""Several processes serving one data directory (``iex serve --workers N``).
+
+What they share is on disk: the keyring, the databases, the blobs. A data key one process
+makes is never lost to another's, staging is per process, writes to a database take turns,
+and one process at a time ingests uploads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom.uid import generate_uid
+
+from app.services.keys import open_data_keys
+from app.storage.filesystem import FileInstanceStore
+from tests.helpers import IexServer, make_instance
+from tests.transfer_helpers import (
+    metadata,
+    source_digests,
+    stored_digests,
+    study_files,
+    tus_client,
+    upload,
+    wait_report,
+    zip_of,
+)
+
+ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def test_processes_adding_data_keys_never_lose_one_another(tmp_path: Path) -> None:
+    """Two processes' views of one keyring: each adds a trust's key to the keyring as
+    saved, so both keys survive, a trust gets one key, and each process finds the other's."""
+    first = open_data_keys(tmp_path, None)
+    second = open_data_keys(tmp_path, None)
+    a = first.for_writing("trust-a")
+    b = second.for_writing("trust-b")  # made after "trust-a" was saved by the other
+    assert second.for_writing("trust-a") == a
+    assert first.key(b[0]) == b[1]  # not in its keyring yet: read from disk
+    reopened = open_data_keys(tmp_path, None)
+    assert reopened.key(a[0]) == a[1] and reopened.key(b[0]) == b[1]
+
+
+def test_staging_of_a_live_process_is_left_alone(tmp_path: Path) -> None:
+    live = FileInstanceStore(tmp_path)
+    (live.staging_dir / "0123456789abcdef0123456789abcdef").write_bytes(b"being written")
+    gone = tmp_path / "staging" / "feedfacefeedface"  # its process ended: lock not held
+    gone.mkdir()
+    (gone / "fedcba9876543210fedcba9876543210").write_bytes(b"half a blob")
+    (tmp_path / "staging" / "feedfacefeedface.lock").touch()
+
+    other = FileInstanceStore(tmp_path)
+    assert other.shared
+    assert not gone.exists()
+    assert [p.name for p in live.staging_dir.iterdir()] == ["0123456789abcdef0123456789abcdef"]
+    other.close()
+    live.close()
+    assert not FileInstanceStore(tmp_path).shared
+
+
+@pytest.fixture
+def two_workers(make_server: Callable[..., IexServer]) -> IexServer:
+    srv = make_server(IEX_WORKERS="2")
+    staging = srv.data_dir / "staging"
+    # Answering is one process being up; each stages in a directory of its own.
+    deadline = time.monotonic() + 30
+    while len([p for p in staging.iterdir() if p.is_dir()]) < 2:
+        assert time.monotonic() < deadline, "the second process did not start"
+        time.sleep(0.05)
+    return srv
+
+
+def test_two_workers_store_for_new_trusts_concurrently(two_workers: IexServer) -> None:
+    """Many first stores of several new trusts at once, over fresh connections (so both
+    processes take some), each trust's data key made by whichever process came first;
+    then everything reads back, byte for byte, from a gateway started afresh."""
+    trusts = [f"trust-{n}" for n in range(4)]
+    tokens = {}
+    for trust in trusts:
+        two_workers.iex("trust", "add", trust)
+        tokens[trust] = two_workers.issue_token(trust, "uploader", "reader")
+
+    def store(n: int) -> tuple[str, str, bytes]:
+        trust = trusts[n % len(trusts)]
+        study = generate_uid()
+        data = make_instance(study_uid=study, instance_number=n)
+        with two_workers.client(tokens[trust]) as c:
+            r = c.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 200, r.text
+        return trust, study, data
+
+    with ThreadPoolExecutor(8) as pool:
+        stored = list(pool.map(store, range(32)))
+
+    two_workers.stop()
+    two_workers.env["IEX_WORKERS"] = "1"
+    two_workers.start()
+    for trust, study, data in stored:
+        with two_workers.client(tokens[trust]) as c:
+            r = c.get(f"/studies/{study}", headers={"Accept": ANY_SYNTAX})
+        assert r.status_code == 200
+        assert data in r.content
+
+
+def test_two_workers_ingest_an_upload_once(two_workers: IexServer) -> None:
+    members = study_files(6)
+    with tus_client(two_workers) as tus:
+        url, _ = upload(tus, zip_of(members), metadata(content_type="application/zip"))
+        report = wait_report(tus, url)
+    assert report["state"] == "complete", report
+    assert report["counts"]["stored"] == len(members)
+    [study] = report["studies"]
+    assert stored_digests(two_workers, study["study_uid"]) == source_digests(members)
+
+
+def test_keys_cannot_rotate_under_two_workers(two_workers: IexServer) -> None:
+    with pytest.raises(RuntimeError, match="a gateway is running"):
+        two_workers.iex("keys", "rotate")
+    assert httpx.get(two_workers.url + "/readyz").status_code == 200
