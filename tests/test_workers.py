@@ -96,6 +96,8 @@ def test_two_workers_store_for_new_trusts_concurrently(two_workers: IexServer) -
 
     with ThreadPoolExecutor(8) as pool:
         stored = list(pool.map(store, range(32)))
+    # Both processes appended to one audit trail: the chain never forked.
+    assert two_workers.iex("audit", "verify").startswith("ok: ")
 
     two_workers.stop()
     two_workers.env["IEX_WORKERS"] = "1"
