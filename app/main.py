@@ -25,7 +25,7 @@ from app.routers.auditing import AuditMiddleware
 from app.routers.uploads import TUS_EXPOSED_HEADERS
 from app.services.housekeeping import Housekeeping
 from app.services.ingest import IngestPolicy, UploadIngest
-from app.services.keys import INDEX_FILE, exclusive, open_data_keys
+from app.services.keys import INDEX_FILE, key_lock, open_data_keys
 from app.services.qido import QidoService
 from app.services.security import RatePolicy, Security, SecurityPolicy
 from app.services.stow import StowLimits, StowService
@@ -74,7 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
         kek = settings.kek.get_secret_value() if settings.kek else None
         async with AsyncExitStack() as running:
             # Every process serving the data directory holds this; key rotation waits.
-            running.enter_context(exclusive(data_dir, "start the gateway", shared=True))
+            running.enter_context(key_lock(data_dir, "start the gateway", shared=True))
             # Processes get ready one at a time: keys, databases and the first admin token
             # are made once, by the first.
             startup = FileLock(data_dir / RUN_DIR / "startup.lock")

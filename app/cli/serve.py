@@ -81,11 +81,11 @@ def _as_environment(settings: Settings) -> dict[str, str]:
 def _keys_problem(settings: Settings) -> str | None:
     """Why the keys cannot be opened, said before the server starts, or ``None``."""
     from app.crypto.errors import KeyUnavailable
-    from app.services.keys import exclusive, open_data_keys
+    from app.services.keys import key_lock, open_data_keys
 
     kek = settings.kek.get_secret_value() if settings.kek else None
     try:
-        with exclusive(settings.data_dir, "start the gateway"):
+        with key_lock(settings.data_dir, "start the gateway"):
             open_data_keys(settings.data_dir, kek)
     except KeyUnavailable as exc:
         return exc.detail

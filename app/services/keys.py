@@ -36,7 +36,7 @@ def data_exists(data_dir: Path) -> bool:
 
 
 @contextmanager
-def exclusive(data_dir: Path, purpose: str, *, shared: bool = False) -> Iterator[None]:
+def key_lock(data_dir: Path, purpose: str, *, shared: bool = False) -> Iterator[None]:
     """Hold ``keys/lock``: shared by every process of a running gateway, exclusively by key
     rotation, so keys never change under a running gateway."""
     lock = FileLock(data_dir / "keys" / "lock")
@@ -91,7 +91,7 @@ def key_usage(data_dir: Path, keys: DataKeys) -> list[KeyUsage]:
 def rotate_kek(data_dir: Path, kek: str | None, new_kek: str | None) -> KeyEncryptionKey:
     """Re-wrap every key under a new KEK. With the KEK in the environment, the new one must
     be given too (``new_kek``), since there is no key file to replace."""
-    with exclusive(data_dir, "rotate keys"):
+    with key_lock(data_dir, "rotate keys"):
         keys = open_data_keys(data_dir, kek)
         store = key_store(data_dir)
         if kek is not None:
@@ -108,7 +108,7 @@ def rotate_trust_key(data_dir: Path, kek: str | None, trust: str) -> str:
     """Start a new DEK for ``trust``'s new writes; returns its id. Old objects keep theirs."""
     if trust == INDEX_KEY_OWNER:
         raise KeyUnavailable("the index key is not a trust's key")
-    with exclusive(data_dir, "rotate keys"):
+    with key_lock(data_dir, "rotate keys"):
         keys = open_data_keys(data_dir, kek)
         wrapped = keys.ring.new_key(trust)
         key_store(data_dir).save(keys.ring)

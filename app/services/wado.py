@@ -80,8 +80,9 @@ class _Part:
 class _ReadAhead:
     """A part body whose first chunk is being read from now on, in the background.
 
-    The next stored object is opened and decrypted (in a worker thread) while the one
-    before it is sent, so the reading and the sending of a retrieval overlap.
+    The next stored object is opened and decrypted (by the store: on the event loop when
+    its bytes are in the page cache, else in a worker thread) while the one before it is
+    sent, so the reading and the sending of a retrieval overlap.
     """
 
     def __init__(self, body: AsyncIterator[bytes]) -> None:
