@@ -237,25 +237,28 @@ class EncryptedInstanceStore:
         try:
             reader = self._open(key, cached_only=True)
         except NotCached:
-            reader = await asyncio.to_thread(self._open, key)
+            reader = await _in_worker(lambda: self._open(key), on_abandon=_close)
+        # A worker thread may be decrypting with the reader when this generator is closed
+        # or cancelled: the reader is then closed when the thread is done, never under it.
+        job: asyncio.Future[list[bytes]] | None = None
         try:
             batches = _Batches(reader, start, end)
-            if reader.layout.segments == 1:  # already decrypted by opening
-                batch = batches.next()
-            else:
-                batch = await asyncio.to_thread(batches.next)
-        except BaseException:
-            reader.close()
-            raise
-        try:
-            while batch:
+            batch = batches.next() if reader.layout.segments == 1 else None  # decrypted
+            while True:
+                if batch is None:
+                    job = asyncio.ensure_future(asyncio.to_thread(batches.next))
+                    batch = await asyncio.shield(job)
+                    job = None
                 for chunk in batch:
                     yield chunk
-                if batches.done:
+                if batches.done or not batch:
                     break
-                batch = await asyncio.to_thread(batches.next)
+                batch = None
         finally:
-            batches.reader.close()  # a no-op once the last batch has closed it
+            if job is not None and not job.done():
+                job.add_done_callback(lambda done: _close_after(done, reader))
+            else:
+                reader.close()  # a no-op once the last batch has closed it
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)
@@ -347,3 +350,29 @@ class _KeptEndsReader(SeekableReader):
 def _buffered(reader: io.RawIOBase) -> IO[bytes]:
     # Parsers read a few bytes at a time; a buffer keeps that off the decrypting path.
     return cast(IO[bytes], io.BufferedReader(reader, BUFFER_SIZE))
+
+
+async def _in_worker(work: Callable[[], T], *, on_abandon: Callable[[T], None]) -> T:
+    """``work`` in a worker thread; if the wait is cancelled, ``on_abandon`` gets what the
+    thread still produces (so that, say, a file it opens is closed)."""
+    job = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+
+        def abandon(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                on_abandon(done.result())
+
+        job.add_done_callback(abandon)
+        raise
+
+
+def _close(reader: DecryptingReader) -> None:
+    reader.close()
+
+
+def _close_after(job: asyncio.Future[Any], reader: DecryptingReader) -> None:
+    if not job.cancelled():
+        job.exception()  # nobody waits for it any more: seen, so not reported
+    reader.close()
