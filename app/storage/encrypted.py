@@ -37,8 +37,6 @@ class _InnerWriter(Protocol):
 
     def write_blocking(self, data: bytes) -> None: ...
 
-    async def finish(self) -> None: ...
-
     def finish_blocking(self) -> None: ...
 
     def open_staged(self) -> IO[bytes]: ...
@@ -237,7 +235,7 @@ class EncryptedInstanceStore:
         try:
             reader = self._open(key, cached_only=True)
         except NotCached:
-            reader = await _in_worker(lambda: self._open(key), on_abandon=_close)
+            reader = await _in_worker(lambda: self._open(key), on_abandon=DecryptingReader.close)
         # A worker thread may be decrypting with the reader when this generator is closed
         # or cancelled: the reader is then closed when the thread is done, never under it.
         job: asyncio.Future[list[bytes]] | None = None
@@ -366,10 +364,6 @@ async def _in_worker(work: Callable[[], T], *, on_abandon: Callable[[T], None]) 
 
         job.add_done_callback(abandon)
         raise
-
-
-def _close(reader: DecryptingReader) -> None:
-    reader.close()
 
 
 def _close_after(job: asyncio.Future[Any], reader: DecryptingReader) -> None:

@@ -64,7 +64,7 @@ class FileBlobWriter:
         self._size += len(data)
 
     def finish_blocking(self) -> None:
-        """``finish`` for worker threads."""
+        """Flush, fsync and close what was written (an empty blob if nothing was); blocking."""
         if self._finished:
             return
         self._finished = True
@@ -74,22 +74,20 @@ class FileBlobWriter:
         except OSError as exc:
             raise _unwritable(exc) from exc
 
-    async def finish(self) -> None:
-        if not self._finished:
-            # Shielded: a cancelled wait must not cancel the job before it runs, or the
-            # file would never be closed.
-            await asyncio.shield(asyncio.to_thread(self.finish_blocking))
-
     def open_staged(self) -> IO[bytes]:
         return open(self._staged, "rb")  # noqa: SIM115
 
     async def commit(self) -> None:
-        await self.finish()
         final = self._store.path_for(self._key)
-        try:
-            await asyncio.to_thread(_publish, self._staged, final)
-        except OSError as exc:
-            raise _unwritable(exc) from exc
+
+        def finish_and_publish() -> None:
+            self.finish_blocking()  # a no-op when the writer finished it already
+            try:
+                _publish(self._staged, final)
+            except OSError as exc:
+                raise _unwritable(exc) from exc
+
+        await asyncio.to_thread(finish_and_publish)
 
     async def abort(self) -> None:
         """Discard the staged bytes; safe to call at any point, and more than once."""
