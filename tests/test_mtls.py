@@ -25,10 +25,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def tls_server(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IexServer]:
+# With several workers, connections are accepted by iex itself (``app/cli/balancing.py``)
+# rather than by the event loop's server: TLS and its client certificates must hold there too.
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-worker", "two-workers"])
+def tls_server(
+    pki: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[IexServer]:
     files = TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem", pki / "ca.pem")
-    srv = IexServer(tmp_path_factory.mktemp("mtls") / "data", tls=files).start()
+    data = tmp_path_factory.mktemp("mtls") / "data"
+    srv = IexServer(data, env={"IEX_WORKERS": request.param}, tls=files).start()
     srv.iex("partner", "add", "partner-a", "--trust", "local", "--role", "reader",
             "--cert", str(pki / "partner-a.pem"))  # fmt: skip
     yield srv

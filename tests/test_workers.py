@@ -7,7 +7,11 @@ and one process at a time ingests uploads.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,6 +77,68 @@ def two_workers(make_server: Callable[..., IexServer]) -> IexServer:
         assert time.monotonic() < deadline, "the second process did not start"
         time.sleep(0.05)
     return srv
+
+
+def _tcp_table() -> list[list[str]]:
+    return [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+
+
+def _loopback(port: int) -> str:
+    return f"0100007F:{port:04X}"
+
+
+def _holders(inode: str) -> list[int]:
+    """The processes with a descriptor for the socket of ``inode``."""
+    pids = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                pids.add(int(fd.parent.parent.name))
+        except OSError:
+            continue  # a descriptor (or a process) that closed meanwhile
+    return sorted(pids)
+
+
+def _server_inode(port: int, client: socket.socket) -> str:
+    """The inode of the server's end of ``client``'s connection: "0" until it is accepted."""
+    ends = [_loopback(port), _loopback(client.getsockname()[1])]
+    return next(fields[9] for fields in _tcp_table() if fields[1:3] == ends)
+
+
+def test_pending_connections_are_shared_between_the_workers(two_workers: IexServer) -> None:
+    """Connections waiting together (a client opening its pool) are not all taken by the
+    first process to look: it accepts one at a time, waiting longer the more it serves,
+    and leaves the rest to the other. Left to the event loop, the first process that wakes
+    accepts everything pending at once, so one process served all of a client's connections
+    while the other idled."""
+    assert two_workers.process is not None
+    port = _loopback(two_workers.port)
+    listener = next(f[9] for f in _tcp_table() if f[1] == port and f[3] == "0A")  # LISTEN
+    first, second = [p for p in _holders(listener) if p != two_workers.process.pid]
+    for pid in (first, second):
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        connections = [socket.create_connection(("127.0.0.1", two_workers.port)) for _ in range(8)]
+        os.kill(first, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while all(_server_inode(two_workers.port, c) == "0" for c in connections):
+            assert time.monotonic() < deadline, "no connection was accepted"
+    finally:
+        for pid in (first, second):
+            os.kill(pid, signal.SIGCONT)
+    try:
+        for c in connections:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        for c in connections:
+            assert c.recv(4096).startswith(b"HTTP/1.1 200 ")
+        served = Counter(
+            pid for c in connections for pid in _holders(_server_inode(two_workers.port, c))
+        )
+    finally:
+        for c in connections:
+            c.close()
+    # Evenly, unless this machine is too busy to run the second process promptly.
+    assert served.keys() == {first, second}, served
 
 
 def test_two_workers_store_for_new_trusts_concurrently(two_workers: IexServer) -> None:

@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         factory=settings.workers > 1,
         workers=settings.workers,
+        loop="app.cli.balancing:BalancingLoop" if settings.workers > 1 else "auto",
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
