@@ -175,6 +175,25 @@ def test_cached_only_opening_never_waits_for_the_disk(tmp_path: Path) -> None:
         assert reader.read() == data
 
 
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv's RWF_NOWAIT (Linux)")
+def test_objects_opened_one_after_another_keep_their_own_bytes(tmp_path: Path) -> None:
+    """Opening reads share one buffer per thread: what an open object still needs (a
+    segment before its last) is its own copy, not that buffer."""
+    contents = {
+        "one-segment": os.urandom(SEG - 100),
+        "three-segments": os.urandom(3 * SEG - 5),
+        "other": os.urandom(3 * SEG - 5),
+    }
+    readers = []
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(seal(data, name, seg=SEG))
+        raw = open(tmp_path / name, "rb")  # noqa: SIM115
+        readers.append(DecryptingReader(raw, {"dek-1": KEY}.__getitem__, name, cached_only=True))
+    for reader, data in zip(readers, contents.values(), strict=True):
+        with reader:
+            assert reader.read() == data
+
+
 def test_cached_only_needs_a_real_file() -> None:
     with pytest.raises(NotCached):
         DecryptingReader(
