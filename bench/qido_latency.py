@@ -172,7 +172,7 @@ def _records(studies: int) -> Iterator[InstanceRecord]:
                 pixel_data=PixelDataLocation(0x7FE00010, "OW", 1400, 512 * 512 * 2),
             )
             digest = hashlib.sha256(sop_uid.encode()).hexdigest()
-            yield InstanceRecord(TRUST, header, f"bench/{digest[:32]}", 525_688, digest)
+            yield InstanceRecord(TRUST, header, f"bench/{digest[:32]}", 525_688)
 
 
 async def _fill(data_dir: Path, studies: int) -> float:

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from app.errors import ServiceUnavailable
 from app.services.keys import open_data_keys
 from app.services.stow import StowLimits, StowService
-from app.storage.base import AddOutcome, InstanceRecord
+from app.storage.base import AlreadyIndexed, InstanceRecord
 from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileBlobWriter, FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
@@ -120,7 +120,7 @@ class FailingIndex:
 
     async def add_instances(
         self, records: Sequence[InstanceRecord], *, all_or_nothing: bool = False
-    ) -> list[AddOutcome]:
+    ) -> list[AlreadyIndexed | None]:
         self.calls += 1
         raise self.error
 

@@ -208,6 +208,23 @@ def test_the_same_upload_twice_is_already_stored(server: IexServer, tus: httpx.C
         assert report["counts"]["already_stored"] == 3 - expect_stored
 
 
+def test_an_upload_partly_stored_before_stores_the_rest(
+    server: IexServer, tus: httpx.Client
+) -> None:
+    """All or nothing, with some instances already there byte for byte (sent before by
+    STOW-RS): those are retries, the others are stored."""
+    members = study_files(4)
+    with server.client() as c:
+        for data in list(members.values())[:2]:
+            r = c.post("/studies", content=data, headers={"Content-Type": "application/dicom"})
+            assert r.status_code == 200, r.text
+    url, _ = upload(tus, zip_of(members), metadata(content_type=ZIP))
+    report = wait_report(tus, url)
+    assert_stored_whole(server, members, report)
+    assert report["counts"]["stored"] == 2
+    assert report["counts"]["already_stored"] == 2
+
+
 def test_non_dicom_members_are_skipped_and_listed(server: IexServer, tus: httpx.Client) -> None:
     members = study_files(3)
     extra = {"README.txt": b"Patient CD. Insert into a DICOM viewer.\n", "DICOMDIR": b"x" * 300}

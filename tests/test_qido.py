@@ -17,9 +17,9 @@ from pydicom.uid import generate_uid
 
 from app.dicom.instance import read_instance_header
 from app.dicom.query import MATCHING_KEYS, PagingLimits, QueryLevel, parse_query
-from app.storage.base import AddOutcome, InstanceRecord
+from app.storage.base import AlreadyIndexed, InstanceRecord
 from app.storage.sqlite_index import SQLiteMetadataIndex
-from app.storage.sqlite_schema import caseless_name, create_schema
+from app.storage.sqlite_schema import SCHEMA, caseless_name, create_schema
 from app.storage.sqlite_search import SUPPORTED_KEYS, build_search
 from tests.helpers import (
     CT_IMAGE_STORAGE,
@@ -581,7 +581,7 @@ def test_dicomweb_client_searches(server: IexServer, corpus: Corpus) -> None:
 
 def _record(trust: str, data: bytes) -> InstanceRecord:
     header = read_instance_header(io.BytesIO(data), 1024)
-    return InstanceRecord(trust, header, f"blob-{uuid.uuid4().hex}", len(data), uuid.uuid4().hex)
+    return InstanceRecord(trust, header, f"blob-{uuid.uuid4().hex}", len(data))
 
 
 async def test_searches_are_scoped_to_the_trust(tmp_path: Path) -> None:
@@ -591,10 +591,10 @@ async def test_searches_are_scoped_to_the_trust(tmp_path: Path) -> None:
         study, sop = generate_uid(), generate_uid()
         a = make_instance(study_uid=study, sop_uid=sop, patient_id="TRUST-A")
         b = make_instance(study_uid=study, sop_uid=sop, patient_id="TRUST-B", modality="MR")
-        outcomes = await index.add_instances(
-            [_record("a", a), _record("b", b), _record("b", make_instance(study_uid=study))]
-        )
-        assert outcomes == [AddOutcome.STORED] * 3
+        records = [_record("a", a), _record("b", b), _record("b", make_instance(study_uid=study))]
+        assert await index.add_instances(records) == [None] * 3  # all added
+        again = await index.add_instances(records[1:2])
+        assert again == [AlreadyIndexed(records[1].blob_key, records[1].size)]
         paging = PagingLimits(100, 100)
 
         async def study_pids(trust: str, params: list[tuple[str, str]]) -> list[str]:
@@ -656,6 +656,26 @@ async def test_older_index_gains_counters(tmp_path: Path) -> None:
         ]
     finally:
         await index.close()
+
+
+async def test_older_index_drops_the_digest_column(tmp_path: Path) -> None:
+    """An index made when every instance's SHA-256 was kept (NOT NULL, and no longer
+    written) opens, loses that column, and takes new instances."""
+    path = tmp_path / "index.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            SCHEMA.replace("size INTEGER NOT NULL,", "size INTEGER NOT NULL, sha256 TEXT NOT NULL,")
+        )
+    conn.close()
+    index = SQLiteMetadataIndex(path)
+    await index.open()
+    try:
+        assert await index.add_instances([_record("t", make_instance())]) == [None]
+    finally:
+        await index.close()
+    with sqlite3.connect(path) as conn:
+        assert "sha256" not in {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
+    conn.close()
 
 
 def test_every_matching_key_has_sql() -> None:

@@ -14,19 +14,36 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import IO, Any
 
 from app.dicom.instance import InstanceHeader, InvalidInstance, read_instance_header
 from app.dicom.media import DICOM, parse_media_type
 from app.dicom.multipart import PartData, PartEnd, PartEvent, PartStart, read_multipart
 from app.dicom.status import FailureReason
-from app.errors import BadRequest
-from app.storage.base import AddOutcome, BlobWriter, InstanceRecord, InstanceStore, MetadataIndex
+from app.errors import BadRequest, IexError
+from app.storage.base import (
+    AlreadyIndexed,
+    BlobWriter,
+    InstanceRecord,
+    InstanceStore,
+    MetadataIndex,
+)
 
 log = logging.getLogger(__name__)
 
 #: Parts parsed concurrently while the next ones stream in.
 PARSE_CONCURRENCY = 4
+#: Plaintext compared at a time when an instance arrives under a SOP Instance UID in use.
+COMPARE_CHUNK = 1024 * 1024
+
+
+class AddOutcome(Enum):
+    STORED = "stored"
+    #: The same bytes were already stored under this SOP Instance UID: a safe retry.
+    ALREADY_STORED = "already-stored"
+    #: Different bytes already hold this SOP Instance UID; the original is kept.
+    CONFLICT = "conflict"
 
 
 @dataclass(frozen=True)
@@ -111,7 +128,6 @@ def _failed_item(f: FailedInstance) -> dict[str, Any]:
 @dataclass
 class _Staged:
     writer: BlobWriter
-    sha256: str
     header: InstanceHeader
     source: str | None
 
@@ -212,25 +228,22 @@ class StowService:
             return result
         try:
             await self._publish(staged)
-            added = await self._index.add_instances(
-                [
-                    InstanceRecord(trust, s.header, s.writer.key, s.writer.size, s.sha256)
-                    for s in staged
-                ],
-                all_or_nothing=all_or_nothing,
-            )
+            outcomes = await self._add(trust, staged, all_or_nothing)
         except BaseException:
             # Published but never indexed: unreachable, so remove them again.
             await self._discard([s.writer for s in staged])
             raise
-        if all_or_nothing and AddOutcome.CONFLICT in added:
+        if all_or_nothing and AddOutcome.CONFLICT in outcomes:
             # Nothing was indexed: the transaction rolled back.
             await self._discard([s.writer for s in staged])
             result.failed += [
-                _conflict(s) for s, o in zip(staged, added, strict=True) if o is AddOutcome.CONFLICT
+                _conflict(s)
+                for s, o in zip(staged, outcomes, strict=True)
+                if o is AddOutcome.CONFLICT
             ]
             return result
-        for s, outcome in zip(staged, added, strict=True):
+        assert None not in outcomes  # every instance was indexed or found in place
+        for s, outcome in zip(staged, outcomes, strict=True):
             h = s.header
             if outcome is AddOutcome.STORED:
                 result.bytes_stored += s.writer.size
@@ -244,6 +257,64 @@ class StowService:
                     StoredInstanceRef(h.study_uid, h.series_uid, h.sop_uid, h.sop_class_uid)
                 )
         return result
+
+    async def _add(
+        self, trust: str, staged: list[_Staged], all_or_nothing: bool
+    ) -> list[AddOutcome | None]:
+        """Index the published blobs; an instance whose SOP Instance UID is in use is a
+        retry when its bytes equal those stored, else a conflict.
+
+        All or nothing, the index rolls back when any SOP Instance UID is in use; once those
+        all turn out to be retries, the others are added again (which another request may
+        have got to first meanwhile, so the same again). ``None``: not indexed, because
+        another instance conflicted.
+        """
+        outcomes: list[AddOutcome | None] = [None] * len(staged)
+        pending = list(range(len(staged)))
+        while pending:
+            found = await self._index.add_instances(
+                [
+                    InstanceRecord(
+                        trust, staged[i].header, staged[i].writer.key, staged[i].writer.size
+                    )
+                    for i in pending
+                ],
+                all_or_nothing=all_or_nothing,
+            )
+            rolled_back = all_or_nothing and any(found)
+            for i, existing in zip(pending, found, strict=True):
+                if existing is not None:
+                    outcomes[i] = await self._retry_or_conflict(staged[i], existing)
+                elif not rolled_back:
+                    outcomes[i] = AddOutcome.STORED
+            if not rolled_back or AddOutcome.CONFLICT in outcomes:
+                break
+            pending = [i for i, existing in zip(pending, found, strict=True) if existing is None]
+        return outcomes
+
+    async def _retry_or_conflict(self, s: _Staged, existing: AlreadyIndexed) -> AddOutcome:
+        """Compare, byte for byte, an instance with what is stored under its SOP Instance UID."""
+        if s.writer.size != existing.size:
+            return AddOutcome.CONFLICT
+        try:
+            same = await asyncio.to_thread(self._same_bytes, s.writer.key, existing.blob_key)
+        except (IexError, OSError) as exc:
+            log.warning(
+                "SOP Instance UID %s: cannot compare with the object stored under it: %s",
+                s.header.sop_uid,
+                exc,
+            )
+            return AddOutcome.CONFLICT
+        return AddOutcome.ALREADY_STORED if same else AddOutcome.CONFLICT
+
+    def _same_bytes(self, key: str, other: str) -> bool:
+        with self._store.open_blocking(key) as a, self._store.open_blocking(other) as b:
+            while True:
+                chunk = a.read(COMPARE_CHUNK)
+                if chunk != b.read(COMPARE_CHUNK):
+                    return False
+                if not chunk:
+                    return True
 
     async def _receive(
         self,
@@ -311,7 +382,7 @@ class StowService:
                 header.sop_class_uid,
                 source,
             )
-        return _Staged(writer, writer.sha256, header, source)
+        return _Staged(writer, header, source)
 
     def _read_header(self, fp: IO[bytes]) -> InstanceHeader:
         return read_instance_header(fp, self._limits.bulk_data_threshold)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import IO, Protocol, TypeVar
 
 from app.dicom.instance import InstanceHeader
@@ -29,7 +28,8 @@ class BlobWriter(Protocol):
 
     @property
     def sha256(self) -> str:
-        """Hex SHA-256 of the bytes written; complete once ``finish`` returned."""
+        """Hex SHA-256 of the bytes written, for a writer created with ``digest``; complete
+        once ``finish`` returned."""
 
     async def write(self, data: bytes) -> None: ...
 
@@ -49,8 +49,9 @@ class BlobWriter(Protocol):
 
 
 class InstanceStore(Protocol):
-    async def create(self, trust: str) -> BlobWriter:
-        """A new blob owned by ``trust`` (whose data key seals it)."""
+    async def create(self, trust: str, *, digest: bool = False) -> BlobWriter:
+        """A new blob owned by ``trust`` (whose data key seals it); with ``digest`` the
+        writer also computes the SHA-256 of what it is given."""
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Stream bytes [start, end) of a committed blob."""
@@ -76,7 +77,16 @@ class InstanceRecord:
     header: InstanceHeader
     blob_key: str
     size: int
-    sha256: str
+
+
+@dataclass(frozen=True)
+class AlreadyIndexed:
+    """What the index already holds under a SOP Instance UID it was asked to add: the
+    record was not added. Whether that was a retry of the same object is the caller's to
+    find out, by comparing the two blobs."""
+
+    blob_key: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,6 @@ class StoredInstance:
     transfer_syntax: str
     blob_key: str
     size: int
-    sha256: str
     number_of_frames: int
     rows: int | None
     columns: int | None
@@ -99,14 +108,6 @@ class StoredInstance:
     pixel_vr: str | None
     pixel_offset: int | None
     pixel_length: int | None
-
-
-class AddOutcome(Enum):
-    STORED = "stored"
-    #: The same bytes were already stored under this SOP Instance UID: a safe retry.
-    ALREADY_STORED = "already-stored"
-    #: Different bytes already hold this SOP Instance UID; the original is kept.
-    CONFLICT = "conflict"
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,10 @@ class IndexStats:
 class MetadataIndex(Protocol):
     async def add_instances(
         self, records: Sequence[InstanceRecord], *, all_or_nothing: bool = False
-    ) -> list[AddOutcome]:
-        """Add records in one transaction; one outcome per record, in order. With
-        ``all_or_nothing`` a ``CONFLICT`` rolls the whole transaction back (the outcomes
-        still say which records conflicted)."""
+    ) -> list[AlreadyIndexed | None]:
+        """Add records in one transaction; per record, in order, ``None`` when it was added
+        or what the index already holds under its SOP Instance UID (for its trust). With
+        ``all_or_nothing`` one record already indexed rolls the whole transaction back."""
 
     async def get_instances(
         self,

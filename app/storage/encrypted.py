@@ -63,7 +63,9 @@ WRITE_BATCH = 1024 * 1024
 
 
 class EncryptingWriter:
-    def __init__(self, inner: _InnerWriter, sealer: Sealer, keys: DataKeys) -> None:
+    def __init__(
+        self, inner: _InnerWriter, sealer: Sealer, keys: DataKeys, *, digest: bool = False
+    ) -> None:
         self._inner = inner
         self._sealer = sealer
         self._keys = keys
@@ -74,7 +76,9 @@ class EncryptingWriter:
         self._job: asyncio.Future[Any] | None = None
         self._prefix = bytearray()
         self._tail = b""
-        self._sha256 = hashlib.sha256()
+        # Only on request: hashing costs more CPU than sealing (SHA-256 ~1.3 GB/s here,
+        # AES-256-GCM ~8 GB/s).
+        self._sha256 = hashlib.sha256() if digest else None
         #: Plaintext received but not yet hashed, sealed and written, and its size.
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -99,6 +103,8 @@ class EncryptingWriter:
     @property
     def sha256(self) -> str:
         """Hex SHA-256 of the plaintext; complete once ``finish`` returned."""
+        if self._sha256 is None:
+            raise RuntimeError("this writer was created without a digest")
         return self._sha256.hexdigest()
 
     async def write(self, data: bytes) -> None:
@@ -140,7 +146,8 @@ class EncryptingWriter:
         sealed: list[bytes] = [] if self._header_written else [self._sealer.header]
         self._header_written = True
         for data in pending:
-            self._sha256.update(data)
+            if self._sha256 is not None:
+                self._sha256.update(data)
             sealed += self._sealer.update(data)
         if last:
             sealed += self._sealer.finish()
@@ -205,14 +212,14 @@ class EncryptedInstanceStore:
         self._keys = keys
         self._segment_size = segment_size
 
-    async def create(self, trust: str) -> EncryptingWriter:
+    async def create(self, trust: str, *, digest: bool = False) -> EncryptingWriter:
         if self._keys.needs_new_key(trust):
             key_id, key = await asyncio.to_thread(self._keys.for_writing, trust)
         else:
             key_id, key = self._keys.for_writing(trust)
         inner = await self._inner.create()
         sealer = Sealer(key, key_id, inner.key, self._segment_size)
-        return EncryptingWriter(inner, sealer, self._keys)
+        return EncryptingWriter(inner, sealer, self._keys, digest=digest)
 
     def _open(self, key: str, *, cached_only: bool = False) -> DecryptingReader:
         raw = self._inner.open_blocking(key)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from app.crypto.sqlcipher import DatabaseErrors
 from app.dicom.query import Query, QueryResult
 from app.errors import ServiceUnavailable
-from app.storage.base import AddOutcome, IndexStats, InstanceRecord, StoredInstance
+from app.storage.base import AlreadyIndexed, IndexStats, InstanceRecord, StoredInstance
 from app.storage.sqlite_db import SQLiteDatabase, transaction
 from app.storage.sqlite_schema import caseless_name, create_schema, normalise_name
 from app.storage.sqlite_search import run_search
@@ -25,7 +25,7 @@ READ_THREADS = 4
 
 _INSTANCE_COLUMNS = (
     "st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.blob_key,"
-    " i.size, i.sha256, i.number_of_frames, i.rows, i.columns, i.bits_allocated,"
+    " i.size, i.number_of_frames, i.rows, i.columns, i.bits_allocated,"
     " i.pixel_tag, i.pixel_vr, i.pixel_offset, i.pixel_length"
 )
 
@@ -38,7 +38,7 @@ def _functions(conn: sqlite3.Connection) -> None:
 class _RolledBack(Exception):
     """Raised inside a transaction to undo it while still returning its outcomes."""
 
-    def __init__(self, outcomes: list[AddOutcome]) -> None:
+    def __init__(self, outcomes: list[AlreadyIndexed | None]) -> None:
         self.outcomes = outcomes
 
 
@@ -58,13 +58,13 @@ class SQLiteMetadataIndex:
 
     async def add_instances(
         self, records: Sequence[InstanceRecord], *, all_or_nothing: bool = False
-    ) -> list[AddOutcome]:
+    ) -> list[AlreadyIndexed | None]:
         if not records:
             return []
 
-        def add_all(conn: sqlite3.Connection) -> list[AddOutcome]:
+        def add_all(conn: sqlite3.Connection) -> list[AlreadyIndexed | None]:
             outcomes = [self._add_one(conn, r) for r in records]
-            if all_or_nothing and AddOutcome.CONFLICT in outcomes:
+            if all_or_nothing and any(outcomes):
                 raise _RolledBack(outcomes)
             return outcomes
 
@@ -73,17 +73,15 @@ class SQLiteMetadataIndex:
         except _RolledBack as rolled_back:
             return rolled_back.outcomes
 
-    def _add_one(self, conn: sqlite3.Connection, record: InstanceRecord) -> AddOutcome:
+    def _add_one(self, conn: sqlite3.Connection, record: InstanceRecord) -> AlreadyIndexed | None:
         h = record.header
         a = h.attributes
         existing = conn.execute(
-            "SELECT sha256 FROM instances WHERE trust = ? AND sop_uid = ?",
+            "SELECT blob_key, size FROM instances WHERE trust = ? AND sop_uid = ?",
             (record.trust, h.sop_uid),
         ).fetchone()
         if existing is not None:
-            return (
-                AddOutcome.ALREADY_STORED if existing[0] == record.sha256 else AddOutcome.CONFLICT
-            )
+            return AlreadyIndexed(*existing)
         now = time.time()
         conn.execute(
             "INSERT INTO studies (trust, study_uid, patient_name, patient_name_folded, patient_id,"
@@ -138,9 +136,9 @@ class SQLiteMetadataIndex:
         pixel = h.pixel_data
         conn.execute(
             "INSERT INTO instances (series_pk, study_pk, trust, sop_uid, sop_class_uid,"
-            " instance_number, transfer_syntax, blob_key, size, sha256, number_of_frames, rows,"
+            " instance_number, transfer_syntax, blob_key, size, number_of_frames, rows,"
             " columns, bits_allocated, pixel_tag, pixel_vr, pixel_offset, pixel_length, metadata,"
-            " created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 series_pk,
                 study_pk,
@@ -151,7 +149,6 @@ class SQLiteMetadataIndex:
                 h.transfer_syntax,
                 record.blob_key,
                 record.size,
-                record.sha256,
                 h.number_of_frames,
                 a.get("Rows"),
                 a.get("Columns"),
@@ -178,7 +175,7 @@ class SQLiteMetadataIndex:
             "UPDATE counters SET instances = instances + 1, bytes = bytes + ? WHERE id = 1",
             (record.size,),
         )
-        return AddOutcome.STORED
+        return None
 
     # -- reads --------------------------------------------------------------------------
 

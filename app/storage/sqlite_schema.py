@@ -66,7 +66,6 @@ CREATE TABLE IF NOT EXISTS instances (
     transfer_syntax TEXT NOT NULL,
     blob_key TEXT NOT NULL,
     size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
     number_of_frames INTEGER NOT NULL,
     rows INTEGER,
     columns INTEGER,
@@ -119,6 +118,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(studies)")}
     if "num_series" not in columns:
         conn.executescript("BEGIN IMMEDIATE;" + _COUNTER_UPGRADE + "COMMIT;")
+    # Each stored instance's SHA-256 was kept only to tell a retried store from a conflicting
+    # one; the two blobs are compared instead, so ingest no longer hashes every byte.
+    if "sha256" in {row[1] for row in conn.execute("PRAGMA table_info(instances)")}:
+        conn.execute("ALTER TABLE instances DROP COLUMN sha256")
     conn.executescript(SEARCH_INDEXES)
 
 

@@ -222,7 +222,9 @@ class ResumableUploads:
         declared: int | None,
         checksum: Checksum | None,
     ) -> Upload:
-        writer = await self._store.create(upload.trust)
+        # A sha256 checksum is computed by the writer, off the event loop.
+        sha256 = checksum is not None and checksum.algorithm == "sha256"
+        writer = await self._store.create(upload.trust, digest=sha256)
         try:
             digest = await _receive(writer, body, remaining, checksum)
         except BaseException:
@@ -365,7 +367,7 @@ async def _receive(
     writer: BlobWriter, body: AsyncIterator[bytes], remaining: int, checksum: Checksum | None
 ) -> bytes | None:
     """Stream ``body`` into ``writer``, at most ``remaining`` bytes; the checksum digest."""
-    # The writer computes the SHA-256 of what it stores anyway, off the event loop.
+    # A writer asked for the SHA-256 computes it off the event loop.
     hasher = (
         hashlib.new(checksum.algorithm) if checksum and checksum.algorithm != "sha256" else None
     )
