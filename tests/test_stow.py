@@ -91,6 +91,28 @@ def test_same_bytes_twice_is_a_safe_retry(client: httpx.Client) -> None:
         assert r.status_code == 200, r.text
 
 
+def test_one_request_holding_an_instance_twice(client: httpx.Client) -> None:
+    """The second copy is a retry of the first when its bytes are the same, a conflict when
+    they differ (same length, one byte apart); the first is stored either way."""
+    sop = generate_uid()
+    same = make_instance(sop_uid=sop, patient_id="A")
+    body, ctype = multipart_related([same, same])
+    r = client.post("/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["00081199"]["Value"]) == 2
+
+    sop, study, series = generate_uid(), generate_uid(), generate_uid()
+    first = make_instance(sop_uid=sop, study_uid=study, series_uid=series, patient_id="A")
+    other = make_instance(sop_uid=sop, study_uid=study, series_uid=series, patient_id="B")
+    assert len(first) == len(other) and first != other
+    body, ctype = multipart_related([first, other])
+    r = client.post("/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 202, r.text
+    assert _reasons(r.json()) == [0x0111]
+    [stored] = r.json()["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [sop]
+
+
 def test_different_object_under_existing_uid_is_refused_and_original_kept(
     client: httpx.Client,
 ) -> None:
