@@ -59,13 +59,13 @@ class BalancedServer:
     def sockets(self) -> tuple[socket.socket, ...]:
         return (self._sock,)
 
-    def open_connections(self) -> int:
+    def _open_connections(self) -> int:
         self._connections = [c for c in self._connections if c.fileno() != -1]
         return len(self._connections)
 
     async def _accept(self) -> None:
         while True:
-            serving = self.open_connections()
+            serving = self._open_connections()
             if serving:
                 await asyncio.sleep(min(serving * WAIT_PER_CONNECTION, MAX_WAIT))
             try:

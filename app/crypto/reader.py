@@ -92,8 +92,8 @@ class DecryptingReader(SeekableReader):
         if not self._nowait:
             return os.pread(self._fd, size, offset)
         assert _NOWAIT is not None
-        # preadv needs a buffer, and a fresh one is zeroed first: the opening read (the only
-        # one made with the flag) reuses the thread's, which costs half as much.
+        # preadv needs a buffer, and a fresh one is zeroed first: the opening read reuses the
+        # thread's, which halves its cost.
         reusable = offset == 0 and size <= HEAD_READ
         buffer = _scratch_view(size) if reusable else memoryview(bytearray(size))
         try:

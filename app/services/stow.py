@@ -269,17 +269,12 @@ class StowService:
         have got to first meanwhile, so the same again). ``None``: not indexed, because
         another instance conflicted.
         """
+        records = [InstanceRecord(trust, s.header, s.writer.key, s.writer.size) for s in staged]
         outcomes: list[AddOutcome | None] = [None] * len(staged)
         pending = list(range(len(staged)))
         while pending:
             found = await self._index.add_instances(
-                [
-                    InstanceRecord(
-                        trust, staged[i].header, staged[i].writer.key, staged[i].writer.size
-                    )
-                    for i in pending
-                ],
-                all_or_nothing=all_or_nothing,
+                [records[i] for i in pending], all_or_nothing=all_or_nothing
             )
             rolled_back = all_or_nothing and any(found)
             for i, existing in zip(pending, found, strict=True):

@@ -79,7 +79,7 @@ class EncryptingWriter:
         # Only on request: hashing costs more CPU than sealing (SHA-256 ~1.3 GB/s here,
         # AES-256-GCM ~8 GB/s).
         self._sha256 = hashlib.sha256() if digest else None
-        #: Plaintext received but not yet hashed, sealed and written, and its size.
+        #: Plaintext received but not yet sealed (and hashed) and written, and its size.
         self._pending: list[bytes] = []
         self._pending_size = 0
 
