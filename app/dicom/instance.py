@@ -251,16 +251,28 @@ def _read_instance_header(fp: IO[bytes], threshold: int) -> InstanceHeader:
         raise InvalidInstance(
             FailureReason.CANNOT_UNDERSTAND, f"attributes could not be encoded: {str(exc)[:200]}"
         ) from exc
+    attributes = {k: _attribute(ds, k) for k in INDEXED_KEYWORDS}
+    return _header(uids, transfer_syntax, attributes, metadata, pixel)
+
+
+def _header(
+    uids: dict[str, str],
+    transfer_syntax: str,
+    attributes: dict[str, Any],
+    metadata: dict[str, Any],
+    pixel: PixelDataLocation | None,
+) -> InstanceHeader:
+    """The header either parse arrives at; Pixel Data is listed by a BulkDataURI."""
     if pixel is not None:
         metadata[f"{pixel.tag:08X}"] = {"vr": pixel.vr, "BulkDataURI": bulk_path((pixel.tag,))}
-    frames = _attribute(ds, "NumberOfFrames")
+    frames = attributes["NumberOfFrames"]
     return InstanceHeader(
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
         sop_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax=transfer_syntax,
-        attributes={k: _attribute(ds, k) for k in INDEXED_KEYWORDS},
+        attributes=attributes,
         metadata=orjson.dumps(dict(sorted(metadata.items()))),
         pixel_data=pixel,
         number_of_frames=frames if isinstance(frames, int) and frames > 0 else 1,
@@ -340,20 +352,7 @@ def _header_from_bytes(
     attributes = _indexed_attributes(metadata)
     if uids is None or attributes is None:
         return None
-    if pixel is not None:
-        metadata[f"{pixel.tag:08X}"] = {"vr": pixel.vr, "BulkDataURI": bulk_path((pixel.tag,))}
-    frames = attributes["NumberOfFrames"]
-    return InstanceHeader(
-        study_uid=uids["StudyInstanceUID"],
-        series_uid=uids["SeriesInstanceUID"],
-        sop_uid=uids["SOPInstanceUID"],
-        sop_class_uid=uids["SOPClassUID"],
-        transfer_syntax=transfer_syntax,
-        attributes=attributes,
-        metadata=orjson.dumps(dict(sorted(metadata.items()))),
-        pixel_data=pixel,
-        number_of_frames=frames if isinstance(frames, int) and frames > 0 else 1,
-    )
+    return _header(uids, transfer_syntax, attributes, metadata, pixel)
 
 
 def _file_meta(buf: bytes) -> tuple[str, int] | None:
