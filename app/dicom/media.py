@@ -160,7 +160,7 @@ def parse_media_type(text: str) -> MediaType | None:
 
 
 def is_dicom_multipart(media: MediaType) -> bool:
-    """True for ``multipart/related`` whose parts are DICOM objects (PS3.18 §8.6.1.2).
+    """True for ``multipart/related`` whose parts are DICOM objects (PS3.18 §8.6).
 
     The root ``type`` parameter must name ``application/dicom``, or be absent: PS3.18 asks
     for it, but senders omit it, and a body of DICOM objects is the only thing a
