@@ -1,11 +1,18 @@
-"""The two servers compared, each started on a 127.0.0.1 port with a throwaway data directory.
+"""DICOMweb servers run as child processes, each on a 127.0.0.1 port with a throwaway
+directory: the servers ``bench/compare.py`` compares, and the real peers of the interop tests
+(``tests/test_orthanc_interop.py``).
 
 * ``iex serve`` as the other benchmarks start it: a fresh data directory, authentication on
   (the admin token written on first start), log level ``warning``.
 * Orthanc with its DICOMweb plugin, both from Debian's packages (installed when absent, with
   the system service kept from starting), run as our own process with a JSON configuration
   in the temporary directory: authentication, HTTP compression, storage compression and the
-  DICOM server off, remote access refused, storage and index in the temporary directory.
+  DICOM server off, remote access refused, storage and index in the temporary directory;
+  optionally with remote DICOMweb servers to act as a client of.
+
+Standard library and httpx only, and no imports of its neighbours: the benchmarks import it
+as ``peers`` (with ``bench/`` on the path), the tests as ``bench.peers`` (with the
+repository root on the path).
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ def free_port() -> int:
 
 @dataclass
 class Peer:
-    """A running DICOMweb server: where its root is, what to send, how to stop it."""
+    """A running DICOMweb server: where its roots are, what to send, how to stop it."""
 
     name: str
+    #: The server's root URL (Orthanc's REST API is there).
+    url: str
     dicomweb: str
     headers: dict[str, str]
     process: subprocess.Popen[bytes]
@@ -59,7 +68,7 @@ class Peer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _wait_until_up(process: subprocess.Popen[bytes], url: str, what: str, log: Path) -> None:
+def wait_until_up(process: subprocess.Popen[bytes], url: str, what: str, log: Path) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -90,10 +99,11 @@ def start_iex(work: Path, workers: int = 1) -> Peer:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    _wait_until_up(process, url + "/healthz", "iex serve", log_path)
+    wait_until_up(process, url + "/healthz", "iex serve", log_path)
     token = (data_dir / "admin.token").read_text().strip()
     return Peer(
         name="iex",
+        url=url,
         dicomweb=url + "/dicomweb",
         headers={"Authorization": f"Bearer {token}"},
         process=process,
@@ -133,7 +143,7 @@ def ensure_orthanc() -> Path:
     print("installing orthanc and orthanc-dicomweb with apt-get ...", flush=True)
     made_policy = not POLICY_RC.exists()
     if made_policy:
-        POLICY_RC.write_text("#!/bin/sh\n# iex bench/compare.py: no service starts\nexit 101\n")
+        POLICY_RC.write_text("#!/bin/sh\n# iex bench/peers.py: no service starts\nexit 101\n")
         POLICY_RC.chmod(0o755)
     try:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -150,10 +160,24 @@ def ensure_orthanc() -> Path:
     return plugin
 
 
-def orthanc_config(work: Path, port: int, plugin: Path) -> dict[str, object]:
-    """Orthanc's configuration: loopback only, nothing that the iex run does not do either."""
+def orthanc_config(
+    work: Path,
+    port: int,
+    plugin: Path,
+    *,
+    name: str = "iex-bench",
+    servers: dict[str, dict[str, object]] | None = None,
+) -> dict[str, object]:
+    """Orthanc's configuration: loopback only, nothing that the iex run does not do either.
+
+    ``servers`` become the plugin's ``DicomWeb.Servers``: the remote DICOMweb servers this
+    Orthanc can store to, search and retrieve from (``/dicom-web/servers/{name}/...``).
+    """
+    dicomweb: dict[str, object] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
+    if servers:
+        dicomweb["Servers"] = servers
     return {
-        "Name": "iex-bench",
+        "Name": name,
         "HttpPort": port,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
@@ -163,26 +187,36 @@ def orthanc_config(work: Path, port: int, plugin: Path) -> dict[str, object]:
         "StorageDirectory": str(work / "orthanc-storage"),
         "IndexDirectory": str(work / "orthanc-index"),
         "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+        "DicomWeb": dicomweb,
     }
 
 
-def start_orthanc(work: Path, plugin: Path) -> Peer:
-    """Orthanc (the binary, not the system service) on a free loopback port."""
+def start_orthanc(
+    work: Path,
+    plugin: Path,
+    *,
+    name: str = "iex-bench",
+    servers: dict[str, dict[str, object]] | None = None,
+) -> Peer:
+    """Orthanc (the binary, not the system service) on a free loopback port, its files in
+    ``work``; ``servers`` as in ``orthanc_config``."""
     port = free_port()
     config = work / "orthanc.json"
-    config.write_text(json.dumps(orthanc_config(work, port, plugin), indent=2))
+    config.write_text(
+        json.dumps(orthanc_config(work, port, plugin, name=name, servers=servers), indent=2)
+    )
     log_path = work / "orthanc.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [str(ORTHANC), str(config)], cwd=work, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
-    _wait_until_up(process, url + "/system", "Orthanc", log_path)
+    wait_until_up(process, url + "/system", "Orthanc", log_path)
     system = httpx.get(url + "/system", timeout=5).json()
     dicomweb = httpx.get(url + "/plugins/dicom-web", timeout=5).json()
     return Peer(
         name="orthanc",
+        url=url,
         dicomweb=url + "/dicom-web",
         headers={},
         process=process,

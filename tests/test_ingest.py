@@ -93,13 +93,25 @@ def test_tar_becomes_a_stored_study(server: IexServer, tus: httpx.Client) -> Non
     assert_stored_whole(server, members, wait_report(tus, url))
 
 
-@pytest.mark.parametrize("with_boundary", [True, False])
+#: As Orthanc's DICOMweb client makes them: longer than the 70 characters of RFC 2046.
+LONG_BOUNDARY = "c511d8f6-f5c2-487b-a8d6-81c21d4be285-c511d8f6-f5c2-487b-a8d6-81c21d4be285"
+
+
+@pytest.mark.parametrize(
+    ("kind", "boundary"),
+    [
+        (f"{MULTIPART}; boundary=iex-upload-boundary", "iex-upload-boundary"),
+        (MULTIPART, "iex-upload-boundary"),  # found on the payload's first line
+        (MULTIPART, LONG_BOUNDARY),
+        (f"multipart/related; boundary={LONG_BOUNDARY}; start=<x>", LONG_BOUNDARY),  # no type
+    ],
+    ids=["given", "found", "long-found", "long-given-without-type"],
+)
 def test_multipart_becomes_a_stored_study(
-    server: IexServer, tus: httpx.Client, with_boundary: bool
+    server: IexServer, tus: httpx.Client, kind: str, boundary: str
 ) -> None:
     members = study_files(5)
-    kind = f"{MULTIPART}; boundary=iex-upload-boundary" if with_boundary else MULTIPART
-    url, _ = upload(tus, multipart_of(members), metadata(content_type=kind))
+    url, _ = upload(tus, multipart_of(members, boundary), metadata(content_type=kind))
     assert_stored_whole(server, members, wait_report(tus, url))
 
 

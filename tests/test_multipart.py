@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 import pytest
 
 from app.dicom.multipart import (
+    MAX_BOUNDARY_LENGTH,
     MAX_PART_HEADER_BYTES,
     MAX_PREAMBLE_BYTES,
     MultipartError,
@@ -129,6 +130,53 @@ async def test_transport_padding_after_a_boundary(padding: bytes) -> None:
 async def test_closing_delimiter_may_be_followed_by_padding_and_crlf() -> None:
     body = _body([b"one"]) + b"  \r\n"
     assert [p[1] for p in await _parts(body, 4)] == [b"one"]
+
+
+# -- line endings: a bare LF where it is unambiguous, CRLF before every boundary ---------
+
+
+@pytest.mark.parametrize(
+    ("line_end", "empty_line"),
+    [(b"\n", b"\n"), (b"\r\n", b"\n"), (b"\n", b"\r\n"), (b"  \n", b"\n")],
+)
+async def test_bare_lf_ends_boundary_and_header_lines(line_end: bytes, empty_line: bytes) -> None:
+    payloads = [b"\n\r\nstarts with line ends", b"", b"\r\n"]
+    body = b"".join(
+        b"\r\n--" + BOUNDARY.encode() + line_end + b"Content-Type: application/dicom"
+        + line_end + b"X-Two: 2" + line_end + empty_line + p
+        for p in payloads
+    ) + b"\r\n--" + BOUNDARY.encode() + b"--\n"  # fmt: skip
+    expected = [({"content-type": "application/dicom", "x-two": "2"}, p) for p in payloads]
+    for size in (1, 2, 3, 64):
+        assert await _parts(body, size) == expected, size
+
+
+async def test_part_without_headers_after_a_bare_lf() -> None:
+    body = f"--{BOUNDARY}\n\ndata\r\n--{BOUNDARY}--".encode()
+    assert await _parts(body, 1) == [({}, b"data")]
+
+
+async def test_lf_before_a_boundary_is_data_not_a_delimiter() -> None:
+    """Only CRLF--boundary ends a part: LF--boundary in binary data is data, and a CR that
+    ends a part's data stays in it."""
+    payloads = [
+        b"x\n--" + BOUNDARY.encode() + b"\r\nContent-Type: text/plain\r\n\r\nnot a part",
+        b"ends with CR\r",
+        b"ends with LF\n",
+        b"\r",
+    ]
+    for size in (1, 5, 1000):
+        assert [p[1] for p in await _parts(_body(payloads), size)] == payloads, size
+
+
+async def test_a_body_with_bare_lf_before_boundaries_is_refused_with_the_reason() -> None:
+    body = f"--{BOUNDARY}\nContent-Type: application/dicom\n\none\n--{BOUNDARY}--\n".encode()
+    for size in (1, 7, len(body)):
+        assert await _error(body, size) == (
+            "truncated multipart body: the stream ended inside part 1, before the closing "
+            f"boundary '--{BOUNDARY}--'; its boundary lines end with LF alone: every boundary "
+            "must follow a CRLF (RFC 2046 §5.1.1)"
+        )
 
 
 async def test_part_headers_are_parsed_case_insensitively() -> None:
@@ -284,14 +332,25 @@ async def test_malformed_part_headers(headers: bytes, detail: str) -> None:
 @pytest.mark.parametrize(
     ("boundary", "detail"),
     [
-        ("", "the multipart boundary is 0 characters long; it must be 1 to 70 (RFC 2046 §5.1.1)"),
+        ("", "the multipart boundary is empty"),
         (
-            "b" * 71,
-            "the multipart boundary is 71 characters long; it must be 1 to 70 (RFC 2046 §5.1.1)",
+            "b" * (MAX_BOUNDARY_LENGTH + 1),
+            f"the multipart boundary is {MAX_BOUNDARY_LENGTH + 1} characters long; iex accepts "
+            f"up to {MAX_BOUNDARY_LENGTH} (RFC 2046 §5.1.1 asks for at most 70)",
         ),
-        ("a\r\nb", "the multipart boundary has characters that RFC 2046 §5.1.1 does not allow"),
-        ("trailing ", "the multipart boundary has characters that RFC 2046 §5.1.1 does not allow"),
-        ("ünïcode", "the multipart boundary has characters that RFC 2046 §5.1.1 does not allow"),
+        *(
+            (
+                boundary,
+                "the multipart boundary has a control or non-ASCII character; "
+                "it must be printable ASCII (RFC 2046 §5.1.1)",
+            )
+            for boundary in ("a\r\nb", "a\nb", "tab\there", "nul\x00", "del\x7f", "ünïcode")
+        ),
+        (
+            "trailing ",
+            "the multipart boundary ends with a space, which reads as transport padding "
+            "(RFC 2046 §5.1.1)",
+        ),
     ],
 )
 async def test_invalid_boundaries_are_refused_before_reading(boundary: str, detail: str) -> None:
@@ -309,6 +368,29 @@ async def test_seventy_character_boundary_with_every_allowed_character() -> None
     boundary = ("aZ09'()+_,-./:=? " * 5)[:69] + "x"
     assert len(boundary) == 70
     assert len(await _parts(_body([b"x", b"y"], boundary=boundary), 9, boundary)) == 2
+
+
+@pytest.mark.parametrize(
+    "boundary",
+    [
+        # Orthanc's DICOMweb client: a UUID, "-", the same UUID (73 characters).
+        "c511d8f6-f5c2-487b-a8d6-81c21d4be285-c511d8f6-f5c2-487b-a8d6-81c21d4be285",
+        "b" * 71,
+        "x" * MAX_BOUNDARY_LENGTH,
+    ],
+)
+async def test_boundaries_longer_than_rfc_2046_allows_are_accepted(boundary: str) -> None:
+    payloads = [TRICKY, b"\r\n--" + boundary.encode()[:-1], b"y" * 5000]
+    body = _body(payloads, boundary=boundary, preamble=b"pre\r\n", epilogue=b"\r\nepi")
+    for size in (1, 7, len(boundary) + 3, 4096):
+        assert [p[1] for p in await _parts(body, size, boundary)] == payloads, size
+
+
+async def test_printable_ascii_outside_bchars_frames_parts() -> None:
+    """Characters RFC 2046 leaves out of ``bchars`` are still matched byte for byte."""
+    boundary = '!#$%&*;<>@[\\]^`{|}~"x y'
+    payloads = [b"one", b"--" + boundary.encode()[:-1] + b"\r\n", b"three"]
+    assert [p[1] for p in await _parts(_body(payloads, boundary=boundary), 3, boundary)] == payloads
 
 
 async def test_the_epilogue_is_read_to_the_end() -> None:

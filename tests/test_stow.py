@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -171,6 +171,106 @@ def test_wrong_media_types(client: httpx.Client, ctype: str, status: int) -> Non
     r = client.post("/studies", content=b"--x--\r\n", headers={"Content-Type": ctype})
     assert r.status_code == status
     assert r.json()["detail"]
+
+
+#: Orthanc's DICOMweb client (1.7): a boundary of two UUIDs joined by "-" (73 characters).
+GUID = "8f6e4a2c-1b3d-4e5f-9a7b-0c1d2e3f4a5b"
+ORTHANC_BOUNDARY = "c511d8f6-f5c2-487b-a8d6-81c21d4be285-c511d8f6-f5c2-487b-a8d6-81c21d4be285"
+
+
+def _orthanc_body(parts: list[bytes]) -> bytes:
+    """Framed as Orthanc's STOW-RS client frames it: a Content-Length in each part's
+    headers, no line end after the closing delimiter."""
+    body = b"".join(
+        f"--{ORTHANC_BOUNDARY}\r\nContent-Type: application/dicom\r\n"
+        f"Content-Length: {len(p)}\r\n\r\n".encode()
+        + p
+        + b"\r\n"
+        for p in parts
+    )
+    return body + f"--{ORTHANC_BOUNDARY}--".encode()
+
+
+def _framed(
+    parts: list[bytes],
+    boundary: str,
+    *,
+    line_end: bytes = b"\r\n",
+    preamble: bytes = b"",
+    headers: bytes = b"",
+) -> bytes:
+    """Delimiters after CRLF as RFC 2046 requires; boundary and header lines ended by
+    ``line_end``."""
+    out = preamble + b"".join(
+        b"\r\n--" + boundary.encode() + line_end + headers
+        + b"Content-Type: application/dicom" + line_end + line_end + p
+        for p in parts
+    )  # fmt: skip
+    return out + b"\r\n--" + boundary.encode() + b"--" + line_end + b"epilogue"
+
+
+SENDERS: dict[str, tuple[str, Callable[[list[bytes]], bytes]]] = {
+    "orthanc-73-char-boundary": (
+        f'multipart/related; type="application/dicom"; boundary={ORTHANC_BOUNDARY}',
+        _orthanc_body,
+    ),
+    # Microsoft's DICOM server documents uploads like this one: no type, form-data headers.
+    "no-type-parameter": (
+        "multipart/related; boundary=-------------------------acebdf13572468",
+        lambda parts: _framed(
+            parts,
+            "-------------------------acebdf13572468",
+            headers=b'Content-Disposition: form-data; name="file"; filename="x.dcm"\r\n',
+        ),
+    ),
+    # dicomweb-client (JavaScript, as OHIF uses it): a GUID boundary, a CRLF before every
+    # boundary, none after the last; its buffer, sized for more, leaves NULs as epilogue.
+    "dicomweb-client-js": (
+        f'multipart/related; type="application/dicom"; boundary={GUID}',
+        lambda parts: (
+            b"".join(
+                f"\r\n--{GUID}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p
+                for p in parts
+            )
+            + f"\r\n--{GUID}--".encode()
+            + bytes(200)
+        ),
+    ),
+    "unquoted-type-no-spaces-extra-parameters": (
+        "Multipart/Related;Type=application/dicom;Boundary=iex-b;start=<x>;charset=utf-8",
+        lambda parts: _framed(parts, "iex-b"),
+    ),
+    "quoted-boundary-outside-bchars": (
+        'multipart/related; type="application/dicom"; boundary="[iex]; {b} \\"#*\\""',
+        lambda parts: _framed(parts, '[iex]; {b} "#*"'),
+    ),
+    "bare-lf-header-lines-and-a-preamble": (
+        'multipart/related; type="application/dicom"; boundary=iex-b',
+        lambda parts: _framed(parts, "iex-b", line_end=b"\n", preamble=b"preamble\n"),
+    ),
+}
+
+
+@pytest.mark.parametrize("sender", list(SENDERS))
+def test_what_real_senders_send_is_stored(client: httpx.Client, sender: str) -> None:
+    ctype, frame = SENDERS[sender]
+    study = generate_uid()
+    parts = [make_instance(study_uid=study, instance_number=i) for i in range(3)]
+    body = frame(parts)
+
+    def chunked() -> Iterator[bytes]:  # a generator: httpx sends it chunked, as Orthanc does
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+
+    r = client.post("/studies", content=chunked(), headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    assert len(_stored(r.json())) == 3
+    got = client.get(
+        f"/studies/{study}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    assert got.status_code == 200
+    assert all(part in got.content for part in parts)  # stored byte for byte
 
 
 def test_single_part_with_a_different_study_in_the_url_is_409(client: httpx.Client) -> None:

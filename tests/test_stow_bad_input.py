@@ -25,6 +25,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from app.dicom.instance import InvalidInstance, read_instance_header
+from app.dicom.multipart import MAX_BOUNDARY_LENGTH
 from app.dicom.status import FailureReason
 from tests.helpers import IexServer, make_instance, multipart_related
 
@@ -167,6 +168,26 @@ def _with_type(ctype: str) -> Callable[[], tuple[bytes, str]]:
     return lambda: (_multipart(make_instance())[0], ctype)
 
 
+def _ending_in(last: bytes) -> bytes:
+    """A valid instance whose last byte (the end of its pixel data) is ``last``."""
+    ds = dcmread(io.BytesIO(make_instance()))
+    ds.PixelData = ds.PixelData[:-1] + last
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _bare_lf_body() -> tuple[bytes, str]:
+    """What a sender ending every line with LF alone sends: not framed by RFC 2046.
+
+    Each object ends with a byte other than CR: CR, LF, boundary is a delimiter, and would
+    (rightly) frame a part.
+    """
+    head = b"--iex-test-boundary\nContent-Type: application/dicom\n\n"
+    body = b"".join(head + _ending_in(b"\x00") + b"\n" for _ in range(2))
+    return body + b"--iex-test-boundary--\n", MULTIPART.format("iex-test-boundary")
+
+
 LONG_UID = "1." + "2" * 63
 
 CASES: dict[str, Case] = {
@@ -182,8 +203,35 @@ CASES: dict[str, Case] = {
     "missing-boundary": Case(
         _with_type('multipart/related; type="application/dicom"'), 400, detail="no boundary"
     ),
-    "boundary-over-70-chars": Case(
-        lambda: _multipart(make_instance(), boundary="b" * 71), 400, detail="1 to 70"
+    "boundary-over-the-cap": Case(
+        lambda: _multipart(make_instance(), boundary="b" * (MAX_BOUNDARY_LENGTH + 1)),
+        400,
+        detail=f"{MAX_BOUNDARY_LENGTH + 1} characters long; iex accepts up to ",
+    ),
+    "boundary-with-a-control-character": Case(
+        _with_type(MULTIPART.format('"iex-test\tboundary"')),
+        400,
+        detail="the multipart boundary has a control or non-ASCII character",
+    ),
+    "boundary-given-twice": Case(
+        _with_type(MULTIPART.format("iex-test-boundary; boundary=other")),
+        400,
+        detail="the Content-Type is malformed: media type parameter 'boundary' is given twice",
+    ),
+    "boundary-quote-not-closed": Case(
+        _with_type(MULTIPART.format('"iex-test-boundary')),
+        400,
+        detail="the Content-Type is malformed: the value of parameter 'boundary' has no closing",
+    ),
+    "not-a-media-type": Case(
+        _with_type("multipart related"),
+        400,
+        detail="the Content-Type is malformed: 'multipart related' is not a media type",
+    ),
+    "bare-lf-before-boundaries": Case(
+        _bare_lf_body,
+        400,
+        detail="its boundary lines end with LF alone: every boundary must follow a CRLF",
     ),
     "non-dicom-part": Case(
         lambda: _multipart(b"\x00" * 200 + b"not DICOM"), 409, (FailureReason.CANNOT_UNDERSTAND,)

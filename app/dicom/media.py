@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from app.errors import BadRequest
+
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 JSON = "application/json"
@@ -86,33 +88,93 @@ def _split(text: str, sep: str) -> list[str]:
     return parts
 
 
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        out: list[str] = []
-        it = iter(value[1:-1])
-        for ch in it:
-            out.append(next(it, "") if ch == "\\" else ch)
-        return "".join(out)
-    return value
+class MalformedMediaType(BadRequest):
+    """A ``Content-Type`` or ``Accept`` value that is not ``type/subtype[; name=value]...``."""
 
 
-def parse_media_type(text: str) -> MediaType | None:
-    """Parse one media type; ``None`` when it is not ``type/subtype[; params]``."""
+def _param_value(name: str, raw: str) -> str:
+    """A parameter value, unquoted: a quoted-string (RFC 9110 §5.6.4) or a bare value.
+
+    A bare value may hold characters a token may not (``type=application/dicom`` is sent
+    unquoted by many clients, and means only one thing); a stray quote does not, since it
+    leaves open where the value ends.
+    """
+    value = raw.strip()
+    if not value.startswith('"'):
+        if '"' in value:
+            raise MalformedMediaType(f"the value of parameter {name!r} has a stray quote")
+        return value
+    out: list[str] = []
+    escaped = False
+    for i, ch in enumerate(value[1:], 1):
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            if i != len(value) - 1:
+                raise MalformedMediaType(
+                    f"the value of parameter {name!r} has text after its closing quote"
+                )
+            return "".join(out)
+        else:
+            out.append(ch)
+    raise MalformedMediaType(f"the value of parameter {name!r} has no closing quote")
+
+
+def read_media_type(text: str) -> MediaType:
+    """Parse one media type (RFC 9110 §8.3.1), or raise ``MalformedMediaType`` saying why.
+
+    Type, subtype and parameter names are case-insensitive and come back lower-cased;
+    whitespace around ``;`` and ``=`` and an empty parameter (``a/b;``) are allowed. A
+    parameter given twice is refused: which of the two values counts would be a guess.
+    """
     pieces = _split(text, ";")
     mime = pieces[0].strip().lower()
     major, slash, minor = mime.partition("/")
-    if not slash or not major or not minor or " " in mime:
-        return None
+    if not slash or not major or not minor or any(c in mime for c in ' \t"'):
+        raise MalformedMediaType(f"{text[:100]!r} is not a media type (type/subtype)")
     params: dict[str, str] = {}
     for piece in pieces[1:]:
         if not piece.strip():
             continue
         name, eq, value = piece.partition("=")
-        if not eq or not name.strip():
-            return None
-        params[name.strip().lower()] = _unquote(value)
+        name = name.strip().lower()
+        if not eq or not name:
+            raise MalformedMediaType(
+                f"media type parameter {piece.strip()[:60]!r} is not name=value"
+            )
+        if name in params:
+            raise MalformedMediaType(f"media type parameter {name!r} is given twice")
+        params[name] = _param_value(name, value)
     return MediaType(mime, params)
+
+
+def parse_media_type(text: str) -> MediaType | None:
+    """Parse one media type; ``None`` when it is not ``type/subtype[; params]``."""
+    try:
+        return read_media_type(text)
+    except MalformedMediaType:
+        return None
+
+
+def is_dicom_multipart(media: MediaType) -> bool:
+    """True for ``multipart/related`` whose parts are DICOM objects (PS3.18 §8.6).
+
+    The root ``type`` parameter must name ``application/dicom``, or be absent: PS3.18 asks
+    for it, but senders omit it, and a body of DICOM objects is the only thing a
+    ``multipart/related`` request to iex can mean (each part's own Content-Type is still
+    checked). Other parameters (``start``, ``start-info``, ``charset``...) change nothing
+    for a body whose parts are all alike, and are ignored.
+    """
+    if media.mime != MULTIPART_RELATED:
+        return False
+    root = media.params.get("type")
+    if root is None:
+        return True
+    root_media = parse_media_type(root)
+    return root_media is not None and root_media.mime == DICOM
 
 
 def parse_accept(header: str | None) -> list[MediaType]:

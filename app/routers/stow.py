@@ -11,7 +11,14 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from app.deps import BaseUrlDep, ServicesDep, Uploader
-from app.dicom.media import DICOM, DICOM_JSON, MULTIPART_RELATED, parse_media_type
+from app.dicom.media import (
+    DICOM,
+    DICOM_JSON,
+    MULTIPART_RELATED,
+    MalformedMediaType,
+    is_dicom_multipart,
+    read_media_type,
+)
 from app.dicom.uids import validate_uid
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.routers.responses import json_response
@@ -54,11 +61,13 @@ async def _store(
         if int(declared) > limit:
             raise PayloadTooLarge(f"the request body of {declared} bytes exceeds {limit} bytes")
     raw_type = request.headers.get("content-type", "")
-    media = parse_media_type(raw_type)
+    try:
+        media = read_media_type(raw_type) if raw_type.strip() else None
+    except MalformedMediaType as exc:
+        raise BadRequest(f"the Content-Type is malformed: {exc.detail}") from exc
     body = limit_stream(request.stream(), limit)
     if media is not None and media.mime == MULTIPART_RELATED:
-        root = parse_media_type(media.params.get("type", ""))
-        if root is None or root.mime != DICOM:
+        if not is_dicom_multipart(media):
             raise UnsupportedMediaType(
                 f"multipart/related type {media.params.get('type')!r} is not supported; "
                 f'send type="{DICOM}"'

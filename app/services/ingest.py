@@ -32,7 +32,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.crypto.errors import IntegrityError
-from app.dicom.multipart import PartEnd, PartEvent, PartStart, read_multipart
+from app.dicom.multipart import (
+    MAX_BOUNDARY_LENGTH,
+    PartEnd,
+    PartEvent,
+    PartStart,
+    read_multipart,
+)
 from app.dicom.status import DESCRIPTIONS
 from app.errors import BadRequest, IexError
 from app.filelock import FileLock
@@ -47,8 +53,9 @@ log = logging.getLogger(__name__)
 #: Seconds between looks for uploads that another process of the gateway received.
 INGEST_POLL = 1.0
 
-#: Bytes read at the start of a multipart payload to find its boundary when none was given.
-_BOUNDARY_SNIFF = 80
+#: Bytes read at the start of a multipart payload to find its boundary when none was given:
+#: the longest boundary line accepted, with room for transport padding.
+_BOUNDARY_SNIFF = MAX_BOUNDARY_LENGTH + 64
 
 
 @dataclass(frozen=True)
@@ -379,15 +386,17 @@ async def _observed(
 async def _sniff_boundary(
     chunks: AsyncIterator[bytes],
 ) -> tuple[str, AsyncIterator[bytes]]:
-    """The boundary from the first delimiter line (RFC 2046 §5.1.1: ``--boundary CRLF``),
-    and the stream with what was read put back."""
+    """The boundary from the first delimiter line (RFC 2046 §5.1.1: ``--boundary CRLF``; a
+    bare LF ends it too, as it does for the reader), and the stream with what was read put
+    back."""
     head = b""
     async for data in chunks:
         head += data
-        if b"\r\n" in head[:_BOUNDARY_SNIFF] or len(head) >= _BOUNDARY_SNIFF:
+        if b"\n" in head[:_BOUNDARY_SNIFF] or len(head) >= _BOUNDARY_SNIFF:
             break
-    line, crlf, _ = head[:_BOUNDARY_SNIFF].partition(b"\r\n")
-    if not crlf or not line.startswith(b"--") or not line[2:].strip():
+    line, lf, _ = head[:_BOUNDARY_SNIFF].partition(b"\n")
+    line = line.removesuffix(b"\r")
+    if not lf or not line.startswith(b"--") or not line[2:].strip():
         raise BadRequest(
             "the multipart payload does not start with a boundary delimiter line; give the "
             "boundary in Upload-Metadata content-type"

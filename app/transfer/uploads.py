@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from enum import Enum
 
-from app.dicom.media import DICOM, MULTIPART_RELATED, parse_media_type
+from app.dicom.media import DICOM, MULTIPART_RELATED, is_dicom_multipart, parse_media_type
 from app.dicom.multipart import validate_boundary
 from app.errors import BadRequest, NotFound
 
@@ -186,16 +186,14 @@ def _payload_type(text: str) -> tuple[str, str | None]:
     media = parse_media_type(text)
     if media is not None and media.mime in (ZIP, TAR) and not media.params:
         return media.mime, None
-    if media is not None and media.mime == MULTIPART_RELATED:
-        root = parse_media_type(media.params.get("type", ""))
-        if root is not None and root.mime == DICOM and set(media.params) <= {"type", "boundary"}:
-            boundary = media.params.get("boundary")
-            if boundary is not None:
-                try:
-                    validate_boundary(boundary)
-                except BadRequest as exc:
-                    raise BadRequest(f"Upload-Metadata content-type: {exc.detail}") from exc
-            return DICOM_MULTIPART, boundary
+    if media is not None and is_dicom_multipart(media):
+        boundary = media.params.get("boundary")
+        if boundary is not None:
+            try:
+                validate_boundary(boundary)
+            except BadRequest as exc:
+                raise BadRequest(f"Upload-Metadata content-type: {exc.detail}") from exc
+        return DICOM_MULTIPART, boundary
     raise BadRequest(
         f"Upload-Metadata content-type {text[:100]!r} is not supported; "
         f"use {ZIP}, {TAR} or {DICOM_MULTIPART}"
