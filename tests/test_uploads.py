@@ -21,7 +21,7 @@ import pytest
 from tusclient.client import TusClient
 
 from tests.helpers import IexServer
-from tests.transfer_helpers import STREAM, TUS, metadata, tus_client
+from tests.transfer_helpers import STREAM, TUS, metadata, tus_client, wait_report
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -292,6 +292,9 @@ def test_parallel_partials_joined_by_a_final_upload(server: IexServer, tus: http
     again = tus.post("/transfers/uploads", headers={"Upload-Concat": "final;" + partials[0]})
     assert again.status_code == 400
     assert tus.delete(partials[1]).status_code == 409
+    # The joined bytes are no zip: the ingest that started on creation fails. An upload
+    # under ingest is not terminable (409), so wait for its report to be final first.
+    assert wait_report(tus, final)["state"] == "failed"
     assert tus.delete(final).status_code == 204
     assert all(tus.head(url).status_code == 404 for url in [final, *partials])
 
