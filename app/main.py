@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from app import __version__
 from app.deps import Services, declare_security
+from app.dicom.query import PagingLimits
 from app.errors import IexError
 from app.filelock import FileLock
 from app.metrics import Metrics, MetricsMiddleware
@@ -128,7 +129,11 @@ def create_app(settings: Settings) -> FastAPI:
                 index=index,
                 stow=stow,
                 wado=WadoService(store, index),
-                qido=QidoService(index),
+                qido=QidoService(
+                    index,
+                    PagingLimits(settings.default_query_limit, settings.max_query_limit),
+                    security.gate,
+                ),
                 uploads=uploads,
                 ingest=ingest,
                 metrics=metrics,
