@@ -28,13 +28,20 @@ from app.services.housekeeping import Housekeeping
 from app.services.ingest import IngestPolicy, UploadIngest
 from app.services.keys import INDEX_FILE, key_lock, open_data_keys
 from app.services.qido import QidoService
-from app.services.security import RatePolicy, Security, SecurityPolicy
+from app.services.security import (
+    ADMIN_TOKEN_FILE,
+    SECURITY_FILE,
+    RatePolicy,
+    Security,
+    SecurityPolicy,
+)
 from app.services.stow import StowLimits, StowService
 from app.services.wado import WadoService
 from app.settings import Settings
 from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
+from app.storage.sqlite_security import SQLiteSecurityStore
 from app.transfer.archives import ArchiveLimits, NonDicomPolicy
 from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
 from app.transfer.tus import ResumableUploads, UploadLimits
@@ -96,13 +103,16 @@ def create_app(settings: Settings) -> FastAPI:
                 upload_state,
                 UploadLimits(settings.max_upload_bytes, settings.upload_expiry),
             )
-            security = await Security.open(
-                data_dir,
+            security_store = SQLiteSecurityStore(data_dir / SECURITY_FILE, key=keys.index_key)
+            await security_store.open()
+            running.push_async_callback(security_store.close)
+            security = await Security.start(
+                security_store,
                 SecurityPolicy(
                     auth=settings.auth,
                     rates=RatePolicy(settings.rate_limit_burst, settings.rate_limit_per_minute),
                 ),
-                keys.index_key,
+                data_dir / ADMIN_TOKEN_FILE,
             )
             running.push_async_callback(security.close)
             stow = StowService(

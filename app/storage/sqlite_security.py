@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from app.crypto.sqlcipher import IntegrityErrors
 from app.errors import BadRequest, NotFound
+from app.storage.security import (
+    GENESIS,
+    AuditAppend,
+    AuditFilter,
+    AuditRow,
+    Partner,
+    Seal,
+    StoredToken,
+)
 from app.storage.sqlite_db import SQLiteDatabase, transaction
-
-#: The ``prev_hash`` of the first audit record.
-GENESIS = "0" * 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trusts (
@@ -72,59 +77,6 @@ CREATE TABLE IF NOT EXISTS audit_head (
 );
 """
 
-#: Seals one record (already holding ``seq`` and ``prev_hash``): its canonical text and hash.
-Seal = Callable[[dict[str, Any]], tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class StoredToken:
-    id: str
-    trust: str
-    roles: tuple[str, ...]
-    label: str | None
-    secret_sha256: str
-    created_at: float
-    expires_at: float | None
-    revoked_at: float | None
-
-
-@dataclass(frozen=True)
-class Partner:
-    name: str
-    trust: str
-    roles: tuple[str, ...]
-    cert_sha256: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class AuditAppend:
-    """One record to append, with the columns it is found by."""
-
-    record: dict[str, Any]
-    at: float
-    trust: str | None
-    actor: str | None
-    studies: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AuditFilter:
-    since: float | None = None
-    until: float | None = None
-    trust: str | None = None
-    actor: str | None = None
-    study: str | None = None
-    after_seq: int = 0
-    limit: int = 1000
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    seq: int
-    entry: str
-    hash: str
-
 
 def _roles(text: str) -> tuple[str, ...]:
     return tuple(r for r in text.split(",") if r)
@@ -138,6 +90,8 @@ _TOKEN_COLUMNS = "id, trust, roles, label, secret_sha256, created_at, expires_at
 
 
 class SQLiteSecurityStore:
+    """``SecurityStore`` (``app.storage.security``) on SQLite."""
+
     def __init__(self, path: Path, key: bytes | None = None) -> None:
         """``key``: encrypt the database (SQLCipher), as the gateway always does."""
         self._db = SQLiteDatabase(path, name="security", key=key, read_threads=2)
