@@ -85,7 +85,7 @@ MUTUAL_TLS_SCHEME = {
 
 def client_certificate(request: Request) -> str | None:
     """The pinned-certificate fingerprint the TLS server put into the ASGI scope's ``tls``
-    extension (see ``app.cli.tls``); None over plain HTTP or without a client certificate."""
+    extension (see ``app.http.tls``); None over plain HTTP or without a client certificate."""
     tls = request.scope.get("extensions", {}).get("tls") or {}
     fingerprint = tls.get("client_cert_sha256")
     return fingerprint if isinstance(fingerprint, str) else None

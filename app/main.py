@@ -20,7 +20,8 @@ from app.deps import Services, declare_security
 from app.dicom.query import PagingLimits
 from app.errors import IexError
 from app.filelock import FileLock
-from app.metrics import Metrics, MetricsMiddleware
+from app.http.metrics import MetricsMiddleware
+from app.metrics import Metrics
 from app.routers.api import api_router
 from app.routers.auditing import AuditMiddleware
 from app.routers.uploads import TUS_EXPOSED_HEADERS
