@@ -1,41 +1,17 @@
-"""The one wiring point between HTTP handlers and the services built in the lifespan."""
+"""The one wiring point between HTTP handlers and the services built in the lifespan
+(``app.services.wiring``)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import Forbidden, Unauthorized
-from app.metrics import Metrics
-from app.services.ingest import UploadIngest
-from app.services.qido import QidoService
-from app.services.security import Credentials, Principal, Role, Security
-from app.services.stow import StowService
-from app.services.wado import WadoService
-from app.settings import Settings
-from app.storage.base import InstanceStore, MetadataIndex
-from app.transfer.tus import ResumableUploads
-
-
-@dataclass
-class Services:
-    """Everything the lifespan builds, kept on ``app.state.services``."""
-
-    settings: Settings
-    store: InstanceStore
-    index: MetadataIndex
-    stow: StowService
-    wado: WadoService
-    qido: QidoService
-    uploads: ResumableUploads
-    ingest: UploadIngest
-    metrics: Metrics
-    security: Security
-
+from app.services.security import Credentials, Principal, Role
+from app.services.wiring import Services
 
 # The dependencies here are ``async`` though most never await: FastAPI runs a plain ``def``
 # dependency in a worker thread, a trip that costs more than the function.
