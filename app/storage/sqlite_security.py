@@ -28,7 +28,7 @@ from app.storage.security import (
     Seal,
     StoredToken,
 )
-from app.storage.sqlite_db import SQLiteDatabase, transaction
+from app.storage.sqlite_db import Migration, SQLiteDatabase, migrate, script, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trusts (
@@ -78,6 +78,11 @@ CREATE TABLE IF NOT EXISTS audit_head (
 """
 
 
+#: The schema versions in order (``PRAGMA user_version``); a change is a new step at the end.
+#: Version 1 is ``_SCHEMA``, also reached, unchanged, by a database made before versions.
+MIGRATIONS: tuple[Migration, ...] = (script(_SCHEMA),)
+
+
 def _roles(text: str) -> tuple[str, ...]:
     return tuple(r for r in text.split(",") if r)
 
@@ -97,7 +102,7 @@ class SQLiteSecurityStore:
         self._db = SQLiteDatabase(path, name="security", key=key, read_threads=2)
 
     async def open(self) -> None:
-        await self._db.write(lambda conn: conn.executescript(_SCHEMA))
+        await self._db.write(lambda conn: migrate(conn, MIGRATIONS))
 
     async def close(self) -> None:
         await self._db.close()
