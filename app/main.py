@@ -92,6 +92,7 @@ def _handle_errors(app: FastAPI) -> None:
 
 
 def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    # Each one added wraps those added before it: the metrics, added last, time everything.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
