@@ -1,41 +1,17 @@
-"""The one wiring point between HTTP handlers and the services built in the lifespan."""
+"""The one wiring point between HTTP handlers and the services built in the lifespan
+(``app.services.wiring``)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import Forbidden, Unauthorized
-from app.metrics import Metrics
-from app.services.ingest import UploadIngest
-from app.services.qido import QidoService
-from app.services.security import Credentials, Principal, Role, Security
-from app.services.stow import StowService
-from app.services.wado import WadoService
-from app.settings import Settings
-from app.storage.base import InstanceStore, MetadataIndex
-from app.transfer.tus import ResumableUploads
-
-
-@dataclass
-class Services:
-    """Everything the lifespan builds, kept on ``app.state.services``."""
-
-    settings: Settings
-    store: InstanceStore
-    index: MetadataIndex
-    stow: StowService
-    wado: WadoService
-    qido: QidoService
-    uploads: ResumableUploads
-    ingest: UploadIngest
-    metrics: Metrics
-    security: Security
-
+from app.services.security import Credentials, Principal, Role
+from app.services.wiring import Services
 
 # The dependencies here are ``async`` though most never await: FastAPI runs a plain ``def``
 # dependency in a worker thread, a trip that costs more than the function.
@@ -85,7 +61,7 @@ MUTUAL_TLS_SCHEME = {
 
 def client_certificate(request: Request) -> str | None:
     """The pinned-certificate fingerprint the TLS server put into the ASGI scope's ``tls``
-    extension (see ``app.cli.tls``); None over plain HTTP or without a client certificate."""
+    extension (see ``app.http.tls``); None over plain HTTP or without a client certificate."""
     tls = request.scope.get("extensions", {}).get("tls") or {}
     fingerprint = tls.get("client_cert_sha256")
     return fingerprint if isinstance(fingerprint, str) else None

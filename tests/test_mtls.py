@@ -25,7 +25,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-# With several workers, connections are accepted by iex itself (``app/cli/balancing.py``)
+# With several workers, connections are accepted by iex itself (``app/http/balancing.py``)
 # rather than by the event loop's server: TLS and its client certificates must hold there too.
 @pytest.fixture(scope="module", params=["1", "2"], ids=["one-worker", "two-workers"])
 def tls_server(

@@ -644,6 +644,7 @@ async def test_older_index_gains_counters(tmp_path: Path) -> None:
             ("series", "num_instances"),
         ):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 0")  # nor a schema version
     conn.close()
     index = SQLiteMetadataIndex(path)
     await index.open()

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 from app.cli.security_db import run, security_store
 from app.cli.serve import add_data_dir
 from app.services.audit import ChainVerifier, export_line, parse_time
-from app.storage.sqlite_security import AuditFilter
+from app.storage.security import AuditFilter
 
 PAGE = 5000
 

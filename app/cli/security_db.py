@@ -16,11 +16,12 @@ from app.errors import IexError
 from app.services.audit import seal, security_change
 from app.services.keys import open_data_keys
 from app.services.security import SECURITY_FILE
+from app.storage.security import SecurityStore
 from app.storage.sqlite_security import SQLiteSecurityStore
 
 
 @asynccontextmanager
-async def security_store(args: argparse.Namespace) -> AsyncIterator[SQLiteSecurityStore]:
+async def security_store(args: argparse.Namespace) -> AsyncIterator[SecurityStore]:
     settings = settings_from(args)
     kek = settings.kek.get_secret_value() if settings.kek else None
     keys = await asyncio.to_thread(open_data_keys, settings.data_dir, kek)
@@ -40,9 +41,7 @@ def actor() -> str:
         return "cli"
 
 
-async def record_change(
-    store: SQLiteSecurityStore, what: str, trust: str | None, subject: str
-) -> None:
+async def record_change(store: SecurityStore, what: str, trust: str | None, subject: str) -> None:
     await store.append_audit([security_change(what, actor(), trust, subject)], seal)
 
 

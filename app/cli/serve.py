@@ -35,7 +35,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.cli.tls import uvicorn_tls_options
+    from app.http.tls import uvicorn_tls_options
     from app.main import create_app
 
     settings = settings_from(args)
@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         factory=settings.workers > 1,
         workers=settings.workers,
-        loop="app.cli.balancing:BalancingLoop" if settings.workers > 1 else "auto",
+        loop="app.http.balancing:BalancingLoop" if settings.workers > 1 else "auto",
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

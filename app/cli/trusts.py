@@ -14,7 +14,7 @@ from app.cli.serve import add_data_dir
 from app.crypto.certs import file_fingerprint, normalise_fingerprint
 from app.errors import BadRequest
 from app.services.security import Role, check_name, parse_roles
-from app.storage.sqlite_security import Partner
+from app.storage.security import Partner
 
 
 def _when(at: float | None) -> str:

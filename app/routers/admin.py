@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from app.deps import Admin, ServicesDep
 from app.routers.responses import json_response
 from app.services.audit import parse_time
-from app.storage.sqlite_security import AuditFilter
+from app.storage.security import AuditFilter
 
 router = APIRouter(tags=["administration"])
 

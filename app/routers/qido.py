@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.deps import BaseUrlDep, Reader, ServicesDep
 from app.dicom.media import DICOM_JSON, JSON, parse_accept
-from app.dicom.query import MATCHING_KEYS, PagingLimits, QueryLevel
+from app.dicom.query import MATCHING_KEYS, QueryLevel
 from app.errors import NotAcceptable
 from app.routers.responses import json_response
 from app.services.security import Principal
@@ -86,16 +86,6 @@ def _route(level: QueryLevel, summary: str) -> dict[str, Any]:
     }
 
 
-#: Parameters that shape the answer but match nothing (PS3.18 §8.3.4).
-_NOT_MATCHING = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
-
-
-def _unfiltered(params: list[tuple[str, str]]) -> bool:
-    """A search with no matching key, or only universal matching (PS3.4 C.2.2.2.3), scans
-    the whole trust: the expensive kind that is rate limited."""
-    return all(name in _NOT_MATCHING or not value.strip("*") for name, value in params)
-
-
 def _negotiate(accept: str | None) -> str:
     """The response media type (PS3.18 §8.7.3): DICOM JSON unless only plain JSON fits."""
     for media in parse_accept(accept):
@@ -118,16 +108,11 @@ async def _search(
     series: str | None = None,
 ) -> Response:
     media_type = _negotiate(request.headers.get("accept"))
-    params = request.query_params.multi_items()
-    if study is None and _unfiltered(params):
-        services.security.gate.throttle(principal, "searches without matching keys")
-    settings = services.settings
     result = await services.qido.search(
-        principal.trust,
+        principal,
         level,
-        params,
+        request.query_params.multi_items(),
         base_url,
-        PagingLimits(settings.default_query_limit, settings.max_query_limit),
         study_uid=study,
         series_uid=series,
     )

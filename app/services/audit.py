@@ -39,11 +39,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.errors import BadRequest
-from app.storage.sqlite_security import (
+from app.storage.security import (
     GENESIS,
     AuditAppend,
     AuditFilter,
-    SQLiteSecurityStore,
+    SecurityStore,
 )
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def parse_time(text: str) -> float:
 class AuditTrail:
     """Queues records and appends them in batches from a background task."""
 
-    store: SQLiteSecurityStore
+    store: SecurityStore
     _queue: asyncio.Queue[AuditAppend] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
 

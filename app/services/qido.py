@@ -15,12 +15,15 @@ renders each match as a DICOM JSON dataset (PS3.18 Annex F) holding:
 
 Study and series attributes are read from the stored DICOM JSON of the first instance
 received for that study or series.
+
+Policy is the service's too: how many matches a page may hold (``PagingLimits``, given at
+construction) and which searches are expensive enough to be rate limited (``unfiltered``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,7 @@ from app.dicom.query import (
     parse_query,
     vr_of,
 )
+from app.services.security import Gatekeeper, Principal
 from app.storage.base import MetadataIndex
 
 #: PS3.18 §8.3.4.4.1: the origin server returned fewer matches than exist because of its
@@ -54,6 +58,10 @@ MORE_RESULTS = (
 )
 #: Pages whose stored JSON is larger than this are rendered off the event loop.
 RENDER_THREAD_BYTES = 256 * 1024
+#: Parameters that shape the answer but match nothing (PS3.18 §8.3.4).
+_NOT_MATCHING = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
+#: What the rate limiter charges an unfiltered search to; the 429 names it.
+UNFILTERED = "searches without matching keys"
 
 
 @dataclass(frozen=True)
@@ -64,24 +72,35 @@ class SearchResult:
     warning: str | None = None
 
 
+def unfiltered(params: Iterable[tuple[str, str]]) -> bool:
+    """A search with no matching key, or only universal matching (PS3.4 C.2.2.2.3), scans
+    the whole trust: the expensive kind that is rate limited."""
+    return all(name in _NOT_MATCHING or not value.strip("*") for name, value in params)
+
+
 class QidoService:
-    def __init__(self, index: MetadataIndex) -> None:
+    def __init__(self, index: MetadataIndex, paging: PagingLimits, gate: Gatekeeper) -> None:
         self._index = index
+        self._paging = paging
+        self._gate = gate
 
     async def search(
         self,
-        trust: str,
+        principal: Principal,
         level: QueryLevel,
-        params: Iterable[tuple[str, str]],
+        params: Sequence[tuple[str, str]],
         base_url: str,
-        paging: PagingLimits,
         *,
         study_uid: str | None = None,
         series_uid: str | None = None,
     ) -> SearchResult:
-        """Run a search; raises ``InvalidQuery`` (400) for unknown or malformed parameters."""
-        query = parse_query(params, level, paging, study_uid=study_uid, series_uid=series_uid)
-        result = await self._index.search(trust, query)
+        """Search the principal's trust; raises ``TooManyRequests`` (429) when an unfiltered
+        search is over its rate, ``InvalidQuery`` (400) for unknown or malformed parameters."""
+        # Within one study the search is bounded by the study, whatever the parameters.
+        if study_uid is None and unfiltered(params):
+            self._gate.throttle(principal, UNFILTERED)
+        query = parse_query(params, level, self._paging, study_uid=study_uid, series_uid=series_uid)
+        result = await self._index.search(principal.trust, query)
         size = sum(len(m.dataset) for m in result.matches)
         if size > RENDER_THREAD_BYTES:
             datasets = await asyncio.to_thread(render_all, result.matches, query, base_url)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from app.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
 from app.services.audit import AuditTrail
-from app.storage.sqlite_security import Partner, SQLiteSecurityStore, StoredToken
+from app.storage.security import Partner, SecurityStore, StoredToken
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class RateLimiter:
 class Gatekeeper:
     """Authenticates credentials to a ``Principal`` and authorises roles."""
 
-    def __init__(self, store: SQLiteSecurityStore, *, auth: bool, rates: RatePolicy) -> None:
+    def __init__(self, store: SecurityStore, *, auth: bool, rates: RatePolicy) -> None:
         self._store = store
         self.auth = auth
         self._limiter = RateLimiter(rates)
@@ -243,25 +243,29 @@ class SecurityPolicy:
 
 #: The security database, beside the index and encrypted with the same key.
 SECURITY_FILE = "security.sqlite3"
+#: The first admin token, written on first start for the operator to pick up.
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 class Security:
-    """The security database with what the gateway builds on it: the gatekeeper and the
-    audit trail. Built once in the lifespan."""
+    """The security store with what the gateway builds on it: the gatekeeper and the audit
+    trail. Built once in the lifespan; the store is opened and closed by its owner."""
 
-    def __init__(self, store: SQLiteSecurityStore, gate: Gatekeeper, audit: AuditTrail) -> None:
+    def __init__(self, store: SecurityStore, gate: Gatekeeper, audit: AuditTrail) -> None:
         self.store = store
         self.gate = gate
         self.audit = audit
 
     @classmethod
-    async def open(cls, data_dir: Path, policy: SecurityPolicy, key: bytes) -> Security:
-        store = SQLiteSecurityStore(data_dir / SECURITY_FILE, key=key)
-        await store.open()
+    async def start(
+        cls, store: SecurityStore, policy: SecurityPolicy, admin_token: Path
+    ) -> Security:
+        """Start the audit trail on ``store`` and, on first start, create the operator trust
+        with an admin token written to the file ``admin_token``."""
         audit = AuditTrail(store)
         audit.start()
         security = cls(store, Gatekeeper(store, auth=policy.auth, rates=policy.rates), audit)
-        await security._bootstrap(data_dir / "admin.token")
+        await security._bootstrap(admin_token)
         if not policy.auth:
             log.warning(
                 "AUTHENTICATION IS OFF (IEX_AUTH=off): every caller acts as an admin of trust "
@@ -297,5 +301,5 @@ class Security:
         )
 
     async def close(self) -> None:
+        """Stop the audit trail once everything queued is appended; the store stays open."""
         await self.audit.close()
-        await self.store.close()

@@ -2,8 +2,12 @@
 
 One thread owns the single writer connection (SQLite allows one writer at a time anyway);
 a small pool of threads each own a read connection (WAL lets readers run beside the writer).
-Every store on SQLite (the metadata index, the security records) builds on this, so
-connection set-up, pragmas and shutdown live in one place.
+Every store on SQLite (the metadata index, the security records, upload state) builds on
+this, so connection set-up, pragmas, schema versions and shutdown live in one place.
+
+Schema versions: a database's ``PRAGMA user_version`` counts the migrations applied to it.
+A store lists its migrations in order, and ``migrate`` applies those the database lacks,
+each in a transaction that also records the version it reached.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,6 +27,8 @@ from app.filelock import Turns
 T = TypeVar("T")
 
 Setup = Callable[[sqlite3.Connection], None]
+#: One schema change: the n-th of a store's list brings its database from version n-1 to n.
+Migration = Callable[[sqlite3.Connection], None]
 
 
 def _connect(path: Path, key: bytes | None, setup: Setup | None) -> sqlite3.Connection:
@@ -116,3 +123,53 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
         conn.execute("ROLLBACK")
         raise
     return result
+
+
+def statements(script: str) -> list[str]:
+    """The SQL statements of ``script``, in order (``executescript`` would commit the
+    transaction a migration runs in)."""
+    found: list[str] = []
+    pending = ""
+    *pieces, rest = script.split(";")
+    for piece in pieces:
+        pending += piece + ";"
+        # A semicolon inside a string, a comment or a trigger body does not end a statement.
+        if sqlite3.complete_statement(pending):
+            found.append(pending.strip())
+            pending = ""
+    if (pending + rest).strip():
+        raise ValueError(f"an unterminated SQL statement: {(pending + rest).strip()[:60]!r}")
+    return found
+
+
+def script(sql: str) -> Migration:
+    """A migration that runs the statements of ``sql``."""
+    steps = statements(sql)
+
+    def run(conn: sqlite3.Connection) -> None:
+        for statement in steps:
+            conn.execute(statement)
+
+    return run
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> None:
+    """Bring the database to version ``len(migrations)``, one transaction per step.
+
+    The version is read again inside each step's ``BEGIN IMMEDIATE``: when several processes
+    open one database at once, each step still runs once.
+    """
+    if schema_version(conn) >= len(migrations):
+        return
+    for version, migration in enumerate(migrations, start=1):
+        transaction(conn, partial(_apply, version=version, migration=migration))
+
+
+def _apply(conn: sqlite3.Connection, *, version: int, migration: Migration) -> None:
+    if schema_version(conn) < version:
+        migration(conn)
+        conn.execute(f"PRAGMA user_version = {version:d}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 import unicodedata
 
+from app.storage.sqlite_db import Migration, migrate, script
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     id INTEGER PRIMARY KEY,
@@ -90,7 +92,7 @@ CREATE TABLE IF NOT EXISTS counters (
 INSERT OR IGNORE INTO counters (id, instances, bytes) VALUES (1, 0, 0);
 """
 
-#: Indexes for QIDO-RS; created after ``upgrade`` so that older databases get them too.
+#: Indexes for QIDO-RS; created after the counters so that older databases get them too.
 SEARCH_INDEXES = """
 DROP INDEX IF EXISTS studies_date;
 CREATE INDEX IF NOT EXISTS studies_order ON studies (trust, study_date, study_time);
@@ -111,18 +113,37 @@ UPDATE studies SET
     num_instances = (SELECT COUNT(*) FROM instances WHERE study_pk = studies.id);
 """
 
+_create_tables = script(SCHEMA)
+_add_counters = script(_COUNTER_UPGRADE)
+_create_search_indexes = script(SEARCH_INDEXES)
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _version_1(conn: sqlite3.Connection) -> None:
+    """The schema of ``SCHEMA`` and ``SEARCH_INDEXES``: made new, or reached from a database
+    made before the schema had a version. Those are told apart by their columns, here only:
+    once a database has a version, its version says what it holds."""
+    _create_tables(conn)
+    if "num_series" not in _columns(conn, "studies"):
+        _add_counters(conn)
+    # Each stored instance's SHA-256 was kept only to tell a retried store from a conflicting
+    # one; the two blobs are compared instead, so ingest no longer hashes every byte.
+    if "sha256" in _columns(conn, "instances"):
+        conn.execute("ALTER TABLE instances DROP COLUMN sha256")
+    _create_search_indexes(conn)
+
+
+#: The index's schema versions in order (``PRAGMA user_version``); a change is a new step at
+#: the end, never an edit of one a database may already have.
+MIGRATIONS: tuple[Migration, ...] = (_version_1,)
+
 
 def create_schema(conn: sqlite3.Connection) -> None:
     """Create the schema, or bring a database made by an earlier version up to date."""
-    conn.executescript(SCHEMA)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(studies)")}
-    if "num_series" not in columns:
-        conn.executescript("BEGIN IMMEDIATE;" + _COUNTER_UPGRADE + "COMMIT;")
-    # Each stored instance's SHA-256 was kept only to tell a retried store from a conflicting
-    # one; the two blobs are compared instead, so ingest no longer hashes every byte.
-    if "sha256" in {row[1] for row in conn.execute("PRAGMA table_info(instances)")}:
-        conn.execute("ALTER TABLE instances DROP COLUMN sha256")
-    conn.executescript(SEARCH_INDEXES)
+    migrate(conn, MIGRATIONS)
 
 
 def normalise_name(value: object) -> str | None:

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from app.crypto.sqlcipher import IntegrityErrors
 from app.errors import BadRequest, NotFound
-from app.storage.sqlite_db import SQLiteDatabase, transaction
-
-#: The ``prev_hash`` of the first audit record.
-GENESIS = "0" * 64
+from app.storage.security import (
+    GENESIS,
+    AuditAppend,
+    AuditFilter,
+    AuditRow,
+    Partner,
+    Seal,
+    StoredToken,
+)
+from app.storage.sqlite_db import Migration, SQLiteDatabase, migrate, script, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trusts (
@@ -72,58 +77,10 @@ CREATE TABLE IF NOT EXISTS audit_head (
 );
 """
 
-#: Seals one record (already holding ``seq`` and ``prev_hash``): its canonical text and hash.
-Seal = Callable[[dict[str, Any]], tuple[str, str]]
 
-
-@dataclass(frozen=True)
-class StoredToken:
-    id: str
-    trust: str
-    roles: tuple[str, ...]
-    label: str | None
-    secret_sha256: str
-    created_at: float
-    expires_at: float | None
-    revoked_at: float | None
-
-
-@dataclass(frozen=True)
-class Partner:
-    name: str
-    trust: str
-    roles: tuple[str, ...]
-    cert_sha256: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class AuditAppend:
-    """One record to append, with the columns it is found by."""
-
-    record: dict[str, Any]
-    at: float
-    trust: str | None
-    actor: str | None
-    studies: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AuditFilter:
-    since: float | None = None
-    until: float | None = None
-    trust: str | None = None
-    actor: str | None = None
-    study: str | None = None
-    after_seq: int = 0
-    limit: int = 1000
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    seq: int
-    entry: str
-    hash: str
+#: The schema versions in order (``PRAGMA user_version``); a change is a new step at the end.
+#: Version 1 is ``_SCHEMA``, also reached, unchanged, by a database made before versions.
+MIGRATIONS: tuple[Migration, ...] = (script(_SCHEMA),)
 
 
 def _roles(text: str) -> tuple[str, ...]:
@@ -138,12 +95,14 @@ _TOKEN_COLUMNS = "id, trust, roles, label, secret_sha256, created_at, expires_at
 
 
 class SQLiteSecurityStore:
+    """``SecurityStore`` (``app.storage.security``) on SQLite."""
+
     def __init__(self, path: Path, key: bytes | None = None) -> None:
         """``key``: encrypt the database (SQLCipher), as the gateway always does."""
         self._db = SQLiteDatabase(path, name="security", key=key, read_threads=2)
 
     async def open(self) -> None:
-        await self._db.write(lambda conn: conn.executescript(_SCHEMA))
+        await self._db.write(lambda conn: migrate(conn, MIGRATIONS))
 
     async def close(self) -> None:
         await self._db.close()

@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.storage.sqlite_db import SQLiteDatabase, transaction
+from app.storage.sqlite_db import Migration, SQLiteDatabase, migrate, script, transaction
 from app.transfer.uploads import Concat, Upload, UploadState, parse_metadata
 
 UPLOADS_FILE = "uploads.sqlite3"
@@ -49,6 +49,21 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE INDEX IF NOT EXISTS uploads_by_state ON uploads (state);
 CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires_at);
 """
+
+_create_tables = script(SCHEMA)
+
+
+def _version_1(conn: sqlite3.Connection) -> None:
+    """The tables of ``SCHEMA``: made new, or reached from a state file made before the
+    schema had a version (the only time its columns are looked at)."""
+    _create_tables(conn)
+    columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(uploads)")}
+    if "actor" not in columns:  # a state file from before uploads recorded who
+        conn.execute("ALTER TABLE uploads ADD COLUMN actor TEXT")
+
+
+#: The schema versions in order (``PRAGMA user_version``); a change is a new step at the end.
+MIGRATIONS: tuple[Migration, ...] = (_version_1,)
 
 _COLUMNS = (
     "id, trust, length, received, metadata, concat, parts, final_id, state, created_at, "
@@ -110,13 +125,7 @@ class SQLiteUploadState:
         self._db = SQLiteDatabase(path, name="uploads", key=key, read_threads=2, setup=_setup)
 
     async def open(self) -> None:
-        def create(conn: sqlite3.Connection) -> None:
-            conn.executescript(SCHEMA)
-            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(uploads)")}
-            if "actor" not in columns:  # a state file from before uploads recorded who
-                conn.execute("ALTER TABLE uploads ADD COLUMN actor TEXT")
-
-        await self._db.write(create)
+        await self._db.write(lambda conn: migrate(conn, MIGRATIONS))
 
     async def insert(self, upload: Upload, joins: tuple[str, ...] = ()) -> None:
         """Record a new upload; a final one also claims its partials (``joins``), which

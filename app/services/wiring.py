@@ -1,0 +1,170 @@
+"""The gateway's parts, built from the settings and torn down together: ``build_services``.
+
+This is the one place that picks the backends (the encrypted file store, the SQLite index,
+upload state and security store) and hands them to the services, which know only the
+Protocols of ``app.storage``. The app's lifespan enters it; so can a test or a command that
+wants the gateway's services without HTTP.
+
+Several processes may serve one data directory (``iex serve --workers N``); the file locks
+taken here are how they share it (see ``build_services``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from app.crypto.keystore import DataKeys
+from app.dicom.query import PagingLimits
+from app.filelock import FileLock
+from app.metrics import Metrics
+from app.services.housekeeping import Housekeeping
+from app.services.ingest import IngestPolicy, UploadIngest
+from app.services.keys import INDEX_FILE, key_lock, open_data_keys
+from app.services.qido import QidoService
+from app.services.security import (
+    ADMIN_TOKEN_FILE,
+    SECURITY_FILE,
+    RatePolicy,
+    Security,
+    SecurityPolicy,
+)
+from app.services.stow import StowLimits, StowService
+from app.services.wado import WadoService
+from app.settings import Settings
+from app.storage.base import InstanceStore, MetadataIndex
+from app.storage.encrypted import EncryptedInstanceStore
+from app.storage.filesystem import FileInstanceStore
+from app.storage.sqlite_index import SQLiteMetadataIndex
+from app.storage.sqlite_security import SQLiteSecurityStore
+from app.transfer.archives import ArchiveLimits, NonDicomPolicy
+from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
+from app.transfer.tus import ResumableUploads, UploadLimits
+
+#: Under the data directory: the locks by which the processes serving it take turns.
+RUN_DIR = "run"
+
+
+@dataclass
+class Services:
+    """Everything ``build_services`` builds; the app keeps it on ``app.state.services``."""
+
+    settings: Settings
+    store: InstanceStore
+    index: MetadataIndex
+    stow: StowService
+    wado: WadoService
+    qido: QidoService
+    uploads: ResumableUploads
+    ingest: UploadIngest
+    metrics: Metrics
+    security: Security
+
+
+@asynccontextmanager
+async def build_services(
+    settings: Settings, *, metrics: Metrics | None = None
+) -> AsyncIterator[Services]:
+    """The services of one process serving ``settings.data_dir``, running until the context
+    exits (background tasks stopped, databases and files closed, in reverse order).
+
+    While it runs the process holds the keys' lock shared, so key rotation waits for every
+    serving process to stop. Processes get ready one at a time, under the startup lock:
+    keys, databases and the first admin token are made once, by the first.
+    """
+    data_dir = settings.data_dir
+    async with AsyncExitStack() as running:
+        running.enter_context(key_lock(data_dir, "start the gateway", shared=True))
+        startup = FileLock(data_dir / RUN_DIR / "startup.lock")
+        await asyncio.to_thread(startup.acquire, wait=True)
+        running.callback(startup.release)
+        kek = settings.kek.get_secret_value() if settings.kek else None
+        keys = await asyncio.to_thread(open_data_keys, data_dir, kek)
+        services = await _build(settings, keys, metrics or Metrics(), running)
+        startup.release()
+        yield services
+
+
+async def _build(
+    settings: Settings, keys: DataKeys, metrics: Metrics, running: AsyncExitStack
+) -> Services:
+    """The parts, each one's shutdown pushed on ``running`` as soon as it is started."""
+    data_dir = settings.data_dir
+    files = FileInstanceStore(data_dir)
+    running.callback(files.close)
+    store = EncryptedInstanceStore(files, keys, settings.segment_size)
+    index = SQLiteMetadataIndex(data_dir / INDEX_FILE, key=keys.index_key)
+    await index.open()
+    running.push_async_callback(index.close)
+    upload_state = SQLiteUploadState(data_dir / UPLOADS_FILE, key=keys.index_key)
+    await upload_state.open()
+    running.push_async_callback(upload_state.close)
+    uploads = ResumableUploads(
+        store, upload_state, UploadLimits(settings.max_upload_bytes, settings.upload_expiry)
+    )
+    security = await _security(settings, keys, running)
+    stow = StowService(
+        store, index, StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold)
+    )
+    ingest = UploadIngest(
+        uploads,
+        stow,
+        security.audit,
+        _ingest_policy(settings),
+        FileLock(data_dir / RUN_DIR / "ingest.lock"),
+    )
+    uploads.on_complete = ingest.submit
+    await ingest.start()
+    running.push_async_callback(ingest.close)
+    housekeeping = Housekeeping(
+        store, index, uploads, settings.upload_sweep_interval, shared=files.shared
+    )
+    housekeeping.start()
+    running.push_async_callback(housekeeping.close)
+    return Services(
+        settings=settings,
+        store=store,
+        index=index,
+        stow=stow,
+        wado=WadoService(store, index),
+        qido=QidoService(
+            index,
+            PagingLimits(settings.default_query_limit, settings.max_query_limit),
+            security.gate,
+        ),
+        uploads=uploads,
+        ingest=ingest,
+        metrics=metrics,
+        security=security,
+    )
+
+
+async def _security(settings: Settings, keys: DataKeys, running: AsyncExitStack) -> Security:
+    data_dir = settings.data_dir
+    store = SQLiteSecurityStore(data_dir / SECURITY_FILE, key=keys.index_key)
+    await store.open()
+    running.push_async_callback(store.close)
+    security = await Security.start(
+        store,
+        SecurityPolicy(
+            auth=settings.auth,
+            rates=RatePolicy(settings.rate_limit_burst, settings.rate_limit_per_minute),
+        ),
+        data_dir / ADMIN_TOKEN_FILE,
+    )
+    running.push_async_callback(security.close)
+    return security
+
+
+def _ingest_policy(settings: Settings) -> IngestPolicy:
+    return IngestPolicy(
+        ArchiveLimits(
+            max_members=settings.archive_max_members,
+            max_member_bytes=settings.max_instance_bytes,
+            max_total_bytes=settings.archive_max_total_bytes,
+            max_ratio=settings.archive_max_ratio,
+        ),
+        NonDicomPolicy(settings.non_dicom_members),
+    )
