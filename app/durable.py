@@ -9,11 +9,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from app.filesystems import refused
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        # Some file systems cannot sync a directory at all (EINVAL: some network, FUSE and
+        # pseudo file systems): their names are as durable as they make them, and refusing
+        # to store on them would protect nothing. A failed sync (EIO) is still an error.
+        if not refused(exc):
+            raise
     finally:
         os.close(fd)
 
