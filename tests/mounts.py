@@ -58,3 +58,4 @@ def mounted(kind: str, base: Path) -> Iterator[Path]:
         yield target
     finally:
         _unmount(target)
+        (base / "ext4.img").unlink(missing_ok=True)  # an image of 256 MB, if sparse
