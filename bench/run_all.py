@@ -20,11 +20,13 @@ FULL = [
     ["upload.py"],
     ["qido_latency.py"],
     ["throughput.py"],
+    ["filesystems.py"],
 ]
 SMOKE = [
     ["crypto.py", "--size-mb", "8", "--runs", "1"],
     ["parse_header.py", "--repeat", "1", "--seconds", "0.02"],
     ["throughput.py", "--smoke"],
+    ["filesystems.py", "--smoke"],
     ["stow_memory.py", "--size-mb", "16"],
     ["upload.py", "--size-mb", "16"],
     ["qido_latency.py", "--smoke"],

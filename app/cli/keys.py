@@ -19,7 +19,7 @@ from typing import Any
 from app.cli.serve import add_data_dir, settings_from
 from app.crypto.errors import KeyUnavailable
 from app.crypto.keys import encode_kek, new_kek
-from app.services.keys import key_usage, open_data_keys, rotate_kek, rotate_trust_key
+from app.services.keys import key_usage, read_data_keys, rotate_kek, rotate_trust_key
 
 
 def _kek(args: argparse.Namespace) -> tuple[Any, str | None]:
@@ -29,7 +29,7 @@ def _kek(args: argparse.Namespace) -> tuple[Any, str | None]:
 
 def _status(args: argparse.Namespace) -> int:
     settings, kek = _kek(args)
-    keys = open_data_keys(settings.data_dir, kek)
+    keys = read_data_keys(settings.data_dir, kek, "read the keys")
     sys.stdout.write(f"key-encryption key: {keys.ring.kek.id}\n")
     sys.stdout.write(f"{'key id':<22} {'owner':<16} {'created (UTC)':<20} {'state':<8} objects\n")
     for u in key_usage(settings.data_dir, keys):

@@ -14,7 +14,7 @@ from typing import Any
 from app.cli.serve import settings_from
 from app.errors import IexError
 from app.services.audit import seal, security_change
-from app.services.keys import open_data_keys
+from app.services.keys import read_data_keys
 from app.services.security import SECURITY_FILE
 from app.storage.security import SecurityStore
 from app.storage.sqlite_security import SQLiteSecurityStore
@@ -24,7 +24,9 @@ from app.storage.sqlite_security import SQLiteSecurityStore
 async def security_store(args: argparse.Namespace) -> AsyncIterator[SecurityStore]:
     settings = settings_from(args)
     kek = settings.kek.get_secret_value() if settings.kek else None
-    keys = await asyncio.to_thread(open_data_keys, settings.data_dir, kek)
+    keys = await asyncio.to_thread(
+        read_data_keys, settings.data_dir, kek, "open the security database"
+    )
     store = SQLiteSecurityStore(settings.data_dir / SECURITY_FILE, key=keys.index_key)
     await store.open()
     try:

@@ -7,8 +7,11 @@ of the KEK that wraps them. Neither file holds anything usable without the KEK.
 KEK rotation must switch two files together. The order makes any crash recoverable:
 (1) write ``keyring.json.next`` wrapped by the new KEK, (2) write the new KEK to ``kek.next``,
 (3) rename ``kek.next`` over ``kek`` — the commit point —, (4) rename the keyring into place.
-On start, a keyring wrapped by another KEK than the one loaded is replaced by a
-``keyring.json.next`` wrapped by the loaded KEK; leftovers of an unfinished rotation go.
+Each write is itself a temporary file renamed into place (``app.durable``). On start, a
+keyring wrapped by another KEK than the one loaded is replaced by a ``keyring.json.next``
+wrapped by the loaded KEK; leftovers of an unfinished rotation go, temporary files too.
+Opening must never run beside a rotation, whose files it would take for leftovers: callers
+hold ``keys/lock`` (``app.services.keys``); openers take turns on the ring lock.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from app.crypto.keys import (
     new_kek,
     write_key_file,
 )
-from app.durable import fsync_dir, write_atomically
+from app.durable import fsync_dir, temporary_for, write_atomically
 from app.filelock import locked
 
 #: The trust name under which the index key is kept; no real trust may use it.
@@ -97,18 +100,21 @@ class KeyStore:
         A new KEK is made only for a gateway with no data and no keyring yet.
         """
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        may_create = not data_exists and not self.keyring_path.exists()
-        kek = load_kek(self.kek_path, env_kek, may_create=may_create)
-        self._recover(kek)
-        if not self.keyring_path.exists():
-            if not may_create:
-                raise KeyUnavailable(
-                    f"the keyring {self.keyring_path} is missing but encrypted data exists"
-                )
-            ring = Keyring(kek, [])
-            ring.new_key(INDEX_KEY_OWNER)
-            self.save(ring)
-            return ring
+        # Every process that writes key files holds the ring lock to do it, or holds the
+        # keys exclusively (rotation): here, any temporary file is what a crash left.
+        with locked(self.ring_lock):
+            may_create = not data_exists and not self.keyring_path.exists()
+            kek = load_kek(self.kek_path, env_kek, may_create=may_create)
+            self._recover(kek)
+            if not self.keyring_path.exists():
+                if not may_create:
+                    raise KeyUnavailable(
+                        f"the keyring {self.keyring_path} is missing but encrypted data exists"
+                    )
+                ring = Keyring(kek, [])
+                ring.new_key(INDEX_KEY_OWNER)
+                self.save(ring)
+                return ring
         kek_id, keys = _decode(self.keyring_path.read_bytes(), self.keyring_path)
         if kek_id != kek.id:
             raise KeyUnavailable(
@@ -118,7 +124,7 @@ class KeyStore:
         return Keyring(kek, keys)
 
     def _recover(self, kek: KeyEncryptionKey) -> None:
-        next_ring = self._next(self.keyring_path)
+        next_ring, next_kek = self._next(self.keyring_path), self._next(self.kek_path)
         if next_ring.exists():
             kek_id, _ = _decode(next_ring.read_bytes(), next_ring)
             if kek_id == kek.id:
@@ -126,7 +132,14 @@ class KeyStore:
                 fsync_dir(self.directory)
             else:
                 next_ring.unlink()  # the rotation never reached its commit point
-        self._next(self.kek_path).unlink(missing_ok=True)
+        # A write stopped half way leaves its temporary file: steps 1 and 2 of a rotation, a
+        # keyring saved with a new data key, the first KEK. The one of step 2 holds a KEK
+        # that wraps nothing.
+        leftovers = [next_kek] + [
+            temporary_for(path) for path in (next_ring, next_kek, self.keyring_path, self.kek_path)
+        ]
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
 
     def reload(self, kek: KeyEncryptionKey) -> Keyring:
         """The keyring as saved now (another process of the gateway may have added keys)."""

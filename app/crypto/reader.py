@@ -3,6 +3,10 @@
 pydicom and range reads see plaintext; only the segments touched are read and decrypted,
 one segment is cached. Blocking: use from worker threads, or open ``cached_only`` where
 waiting for a disk is not allowed.
+
+Both fast paths are optional: a file system that refuses ``RWF_NOWAIT`` makes every
+``cached_only`` opening there ``NotCached`` (the caller then opens in a worker thread, with
+plain reads), and one that refuses memory maps is read with ``pread`` (``app.filesystems``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from app.crypto.segments import DEFAULT_SEGMENT_SIZE, MAX_HEADER_SIZE, TAG_SIZE, Header, Opener
+from app.filesystems import MEMORY_MAPS, NOWAIT_READS
 from app.rawio import SeekableReader
 
 KeyLookup = Callable[[str], bytes]
@@ -37,14 +42,16 @@ def _scratch_view(size: int) -> memoryview:
 
 
 class NotCached(Exception):
-    """Opening the object would wait for the disk (``cached_only`` was asked)."""
+    """Opening the object would wait for the disk (``cached_only`` was asked), or its file
+    system cannot tell without waiting."""
 
 
 class DecryptingReader(SeekableReader):
     """Plaintext of one encrypted object.
 
     With ``cached_only`` opening reads only what the page cache holds and raises
-    ``NotCached`` otherwise, so an event loop can open an object without waiting on a disk.
+    ``NotCached`` otherwise, so an event loop can open an object without waiting on a disk;
+    on a file system that refuses such reads, always ``NotCached``.
     """
 
     def __init__(
@@ -54,10 +61,16 @@ class DecryptingReader(SeekableReader):
         self._raw = raw
         self._object_id = object_id
         self._fd: int | None = raw.fileno() if _has_fileno(raw) else None
-        if cached_only and (self._fd is None or _NOWAIT is None):
+        if self._fd is not None:
+            stat = os.fstat(self._fd)
+            self._device, total = stat.st_dev, stat.st_size
+        else:
+            self._device, total = -1, _size_by_seek(raw)
+        if cached_only and (
+            self._fd is None or _NOWAIT is None or NOWAIT_READS.supported(self._device) is False
+        ):
             raise NotCached(object_id)
         self._nowait = cached_only
-        total = os.fstat(self._fd).st_size if self._fd is not None else _size_by_seek(raw)
         # One read brings the header and, for an object of one segment (most instances),
         # the whole ciphertext: opening it then costs a single system call.
         head = self._read_at(0, min(total, HEAD_READ))
@@ -99,7 +112,14 @@ class DecryptingReader(SeekableReader):
         try:
             read = os.preadv(self._fd, [buffer], offset, _NOWAIT)
         except BlockingIOError:
-            read = -1
+            read = -1  # the file system honours the flag: the pages are just not cached
+        except OSError as exc:
+            buffer.release()
+            if NOWAIT_READS.refusal(self._device, exc):
+                raise NotCached(self._object_id) from None
+            raise
+        if NOWAIT_READS.supported(self._device) is None:
+            NOWAIT_READS.learn(self._device, True)
         if read != size:  # not (or not all) in the page cache; a short read also lands here
             buffer.release()
             raise NotCached(self._object_id)
@@ -107,11 +127,17 @@ class DecryptingReader(SeekableReader):
 
     def _mapped(self, offset: int, size: int) -> memoryview | None:
         """Ciphertext [offset, offset + size) straight from the page cache, through a memory
-        map made on first use; ``None`` when the object is not a file."""
-        if self._fd is None:
+        map made on first use; ``None`` when the object is not a file or its file system
+        cannot map it (it is then read with ``pread``)."""
+        if self._fd is None or MEMORY_MAPS.supported(self._device) is False:
             return None
         if self._map is None:
-            self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            try:
+                self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                if MEMORY_MAPS.refusal(self._device, exc):
+                    return None
+                raise
             self._map = memoryview(self._mmap)
         return self._map[offset : offset + size]
 

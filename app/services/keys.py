@@ -53,11 +53,20 @@ def key_lock(data_dir: Path, purpose: str, *, shared: bool = False) -> Iterator[
 
 
 def open_data_keys(data_dir: Path, kek: str | None) -> DataKeys:
-    """Load (or, for a new gateway, create) the keys. Blocking."""
+    """Load (or, for a new gateway, create) the keys. Blocking. The caller holds
+    ``key_lock``: opening finishes or undoes an interrupted rotation, and must never take a
+    rotation in progress for one."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = key_store(data_dir)
     ring = store.open(kek, data_exists=data_exists(data_dir))
     return DataKeys(store, ring)
+
+
+def read_data_keys(data_dir: Path, kek: str | None, purpose: str) -> DataKeys:
+    """``open_data_keys`` for a command that may run beside a gateway (shared with it), but
+    not beside a key rotation. Blocking."""
+    with key_lock(data_dir, purpose, shared=True):
+        return open_data_keys(data_dir, kek)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -163,22 +166,50 @@ class _Bucket:
 
 @dataclass
 class RateLimiter:
+    """A token bucket per key, kept only while it says something.
+
+    A bucket left idle until it refilled completely is the same as a new one, so it is
+    dropped: the buckets kept are those of keys active within the last ``burst / rate``
+    seconds, and ``max_buckets`` bounds even those (the least recently used goes first, and
+    its key starts again with a full bucket). Buckets are kept least recently used first,
+    so finding the refilled ones costs a look at the oldest per ``take``.
+    """
+
     policy: RatePolicy
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    max_buckets: int = 10_000
+    clock: Callable[[], float] = time.monotonic
+    _buckets: OrderedDict[str, _Bucket] = field(default_factory=OrderedDict)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def take(self, key: str) -> float:
         """Spend one unit; 0 when allowed, else the seconds until one is available."""
-        now = time.monotonic()
+        now = self.clock()
+        burst = float(self.policy.burst)
         rate = self.policy.per_minute / 60.0
+        self._forget_refilled(now, burst / rate if rate > 0 else math.inf)
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(float(self.policy.burst), now)
-        bucket.tokens = min(float(self.policy.burst), bucket.tokens + (now - bucket.stamp) * rate)
+            bucket = self._buckets[key] = _Bucket(burst, now)
+            if len(self._buckets) > self.max_buckets:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
         bucket.stamp = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
         return (1.0 - bucket.tokens) / rate if rate > 0 else 3600.0
+
+    def _forget_refilled(self, now: float, refill: float) -> None:
+        """Drop the buckets idle for ``refill`` seconds: full again, whatever they held."""
+        while self._buckets:
+            oldest = next(iter(self._buckets.values()))
+            if now - oldest.stamp < refill:
+                return
+            self._buckets.popitem(last=False)
 
 
 class Gatekeeper:

@@ -17,6 +17,7 @@ from typing import IO, Any, Protocol, TypeVar, cast
 from app.crypto.keystore import DataKeys
 from app.crypto.reader import DecryptingReader, NotCached
 from app.crypto.segments import Sealer
+from app.filesystems import NOWAIT_READS
 from app.rawio import SeekableReader
 
 BUFFER_SIZE = 64 * 1024
@@ -47,6 +48,9 @@ class _InnerWriter(Protocol):
 
 
 class _InnerStore(Protocol):
+    #: The file system (``st_dev``) its blobs are files on.
+    device: int
+
     async def create(self) -> _InnerWriter: ...
 
     def open_blocking(self, key: str) -> IO[bytes]: ...
@@ -229,6 +233,15 @@ class EncryptedInstanceStore:
             raw.close()
             raise
 
+    def _open_cached(self, key: str) -> DecryptingReader | None:
+        """``key`` opened from the page cache alone, or ``None`` if that would wait."""
+        if NOWAIT_READS.supported(self._inner.device) is False:
+            return None
+        try:
+            return self._open(key, cached_only=True)
+        except NotCached:
+            return None
+
     def open_blocking(self, key: str) -> IO[bytes]:
         return _buffered(self._open(key))
 
@@ -238,10 +251,11 @@ class EncryptedInstanceStore:
         # costs more than reading and decrypting one segment from the page cache, so an
         # object whose opening reads are all cached is opened right here: for an instance
         # of one segment (most of them) that is the whole of it. Anything that would wait
-        # for the disk, and each further READ_BATCH bytes, goes to a worker thread.
-        try:
-            reader = self._open(key, cached_only=True)
-        except NotCached:
+        # for the disk, and each further READ_BATCH bytes, goes to a worker thread; so does
+        # every opening on a file system that cannot read from the page cache alone (tmpfs,
+        # overlayfs, NFS, ...), where even the open stays off the event loop.
+        reader = self._open_cached(key)
+        if reader is None:
             reader = await _in_worker(lambda: self._open(key), on_abandon=DecryptingReader.close)
         # A worker thread may be decrypting with the reader when this generator is closed
         # or cancelled: the reader is then closed when the thread is done, never under it.

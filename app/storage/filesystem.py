@@ -193,6 +193,10 @@ class FileInstanceStore:
         self._owner.acquire()  # before the directory exists, so it is never unowned
         self.staging_dir = staging / name
         self.staging_dir.mkdir(mode=0o700)
+        #: The file system blobs live on (``st_dev``): staged files are renamed into place,
+        #: so it is staging's. A file's, not a directory's: on an overlay a directory may
+        #: report the overlay's device and a file the layer's.
+        self.device = os.stat(self._owner.path).st_dev
 
     def close(self) -> None:
         """Stop staging: the staging directory goes, and with it anything still in it."""
