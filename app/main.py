@@ -19,9 +19,9 @@ from app import __version__
 from app.deps import Services, declare_security
 from app.errors import IexError
 from app.filelock import FileLock
+from app.http.audit import AuditMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers.api import api_router
-from app.routers.auditing import AuditMiddleware
 from app.routers.uploads import TUS_EXPOSED_HEADERS
 from app.services.housekeeping import Housekeeping
 from app.services.ingest import IngestPolicy, UploadIngest
@@ -102,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
                     rates=RatePolicy(settings.rate_limit_burst, settings.rate_limit_per_minute),
                 ),
                 keys.index_key,
+                settings.name,
             )
             running.push_async_callback(security.close)
             stow = StowService(

@@ -41,9 +41,16 @@ def actor() -> str:
 
 
 async def record_change(
-    store: SQLiteSecurityStore, what: str, trust: str | None, subject: str
+    args: argparse.Namespace,
+    store: SQLiteSecurityStore,
+    what: str,
+    trust: str | None,
+    subject: str,
 ) -> None:
-    await store.append_audit([security_change(what, actor(), trust, subject)], seal)
+    """Append the record of a change (durably: the security database syncs every commit),
+    its source the gateway's name (``IEX_NAME``)."""
+    source = settings_from(args).name
+    await store.append_audit([security_change(what, actor(), trust, subject, source)], seal)
 
 
 def run(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> Callable[..., int]:

@@ -1,0 +1,1 @@
+"""The HTTP machinery that is not a route: middleware, TLS, worker balancing."""
