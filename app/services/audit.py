@@ -408,7 +408,7 @@ class AuditTrail:
 
     async def append(self, item: AuditAppend) -> None:
         """Return once ``item`` is durable; ``AuditUnavailable`` if it cannot be written."""
-        if self._task is None or self._closing:
+        if self._task is None or self._task.done() or self._closing:
             raise AuditUnavailable("the audit trail is closed: the gateway is shutting down")
         done = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
