@@ -24,3 +24,4 @@ def test_benchmarks_run_in_smoke_mode() -> None:
     assert "ratio format-encrypt/raw" in result.stdout
     assert "peak" in result.stdout.lower()
     assert "limit loopback_download" in result.stdout  # bench/compare.py, iex only
+    assert "records per fsync" in result.stdout  # bench/audit_latency.py
