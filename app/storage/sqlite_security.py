@@ -82,10 +82,10 @@ CREATE TABLE IF NOT EXISTS audit_probe (
 );
 """
 
-#: What the readiness probe writes: about the pages an append of one record touches (the
-#: record, its three indexes, its study, the head), so that when the probe fits, an append
-#: fits too.
-_PROBE_BYTES = 6 * 4096
+#: What the readiness probe writes: its row and 7 overflow pages, the 8 pages that the commit
+#: of one record writes (the record, its three indexes, its study, the head, and the pages
+#: above them), so that when the probe fits, an append of a record fits too.
+_PROBE_BYTES = 7 * 4096
 
 
 def _durable(conn: sqlite3.Connection) -> None:
