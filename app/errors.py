@@ -18,6 +18,8 @@
      ├── TooManyRequests          429  a rate limit is exhausted (with Retry-After)
      ├── ChecksumMismatch         460  a tus chunk does not match its Upload-Checksum
      └── ServiceUnavailable       503  store or index not usable
+          └── AuditUnavailable    503  the audit trail cannot be written: no access to
+                                       patient data is answered unrecorded
 
 The module is free of HTTP frameworks so that every layer may raise these.
 """
@@ -113,3 +115,7 @@ class ChecksumMismatch(IexError):
 
 class ServiceUnavailable(IexError):
     status_code = 503
+
+
+class AuditUnavailable(ServiceUnavailable):
+    pass

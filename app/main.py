@@ -21,10 +21,10 @@ from starlette.requests import ClientDisconnect
 from app import __version__
 from app.deps import declare_security
 from app.errors import IexError
+from app.http.audit import AuditMiddleware
 from app.http.metrics import MetricsMiddleware
 from app.metrics import Metrics
 from app.routers.api import api_router
-from app.routers.auditing import AuditMiddleware
 from app.routers.uploads import TUS_EXPOSED_HEADERS
 from app.services.wiring import build_services
 from app.settings import Settings

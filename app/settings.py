@@ -5,16 +5,26 @@ Never instantiated at import time: ``create_app`` and the CLI build a ``Settings
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.names import is_valid_name, name_from_host
+
+
+def _host_name() -> str:
+    return name_from_host(socket.gethostname())
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IEX_", extra="ignore")
 
+    #: This gateway's name: the audit source of its records (PS3.15 A.5.2.4
+    #: ``AuditSourceID``), so that two gateways' records tell apart. Default: the host name.
+    name: str = Field(default_factory=_host_name)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     data_dir: Path = Path("./var")
@@ -69,6 +79,16 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     log_level: str = "info"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(
+                f"IEX_NAME {value[:80]!r} is not a name: 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
 
     @field_validator("data_dir")
     @classmethod

@@ -19,6 +19,7 @@ FULL = [
     ["stow_memory.py"],
     ["upload.py"],
     ["qido_latency.py"],
+    ["audit_latency.py"],
     ["throughput.py"],
     ["filesystems.py"],
 ]
@@ -30,6 +31,7 @@ SMOKE = [
     ["stow_memory.py", "--size-mb", "16"],
     ["upload.py", "--size-mb", "16"],
     ["qido_latency.py", "--smoke"],
+    ["audit_latency.py", "--smoke"],
     ["compare.py", "--smoke"],
 ]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from pydicom.uid import generate_uid
 
+from app.names import name_from_host
+from app.settings import Settings
 from tests.helpers import IexServer, make_instance, open_db
 
 CT = {"Content-Type": "application/dicom"}
@@ -100,6 +104,9 @@ def test_every_request_of_a_session_has_its_record(session: Session) -> None:
         assert event["EventOutcomeIndicator"] == ("0" if status == 200 else "4")
         assert event["EventDateTime"].endswith("Z")
         assert record["iex"]["bytesSent"] == response.num_bytes_downloaded  # on the wire
+        # The gateway's name (IEX_NAME, by default the host's) is the source of its records.
+        assert gateway["UserID"] == record["AuditSourceIdentification"]["AuditSourceID"]
+        assert gateway["UserID"] == name_from_host(socket.gethostname())
         if status == 401:
             assert event["EventID"]["csd-code"] == "110114"  # User Authentication
         if status == 403:
@@ -236,7 +243,43 @@ def test_records_survive_a_restart(tmp_path: Path) -> None:
     srv = IexServer(tmp_path / "data").start()
     with srv.client() as c:
         assert c.get("/studies", params={"PatientID": "x"}).status_code == 200
-    srv.stop()  # the queue is flushed on shutdown
+    srv.kill()  # no queue to flush: the record was durable before the answer
     lines = _iex(srv.data_dir, "audit", "export").stdout.splitlines()
     assert any('"route":"GET /dicomweb/studies"' in line for line in lines)
     assert _iex(srv.data_dir, "audit", "verify").returncode == 0
+
+
+def test_the_gateways_name_is_the_source_of_its_records(
+    make_server: Callable[..., IexServer],
+) -> None:
+    srv = make_server(IEX_NAME="royal-north.gw")
+    srv.issue_token("local", "reader")  # the command line reads IEX_NAME too
+    with srv.client() as c:
+        assert c.get("/studies", params={"PatientID": "x"}).status_code == 200
+        records = c.get(srv.url + "/audit").json()
+    search = next(r for r in records if r["iex"]["route"] == "GET /dicomweb/studies")
+    assert search["ActiveParticipant"][1]["UserID"] == "royal-north.gw"
+    sources = {r["AuditSourceIdentification"]["AuditSourceID"] for r in records}
+    assert sources == {"royal-north.gw"}
+    issued = [r for r in records if r["iex"]["route"] == "cli"]
+    assert len(issued) == 2  # the first admin token, and the one issued above
+
+
+@pytest.mark.parametrize("name", ["", "-north", "north gw", "n" * 65, "north/gw"])
+def test_a_bad_gateway_name_is_refused(name: str) -> None:
+    with pytest.raises(ValidationError, match="IEX_NAME"):
+        Settings(name=name)
+
+
+def test_a_gateway_will_not_start_under_a_bad_name(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="IEX_NAME"):
+        IexServer(tmp_path / "data", env={"IEX_NAME": "north gw"}).start()
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [("pacs-gw.trust.example", "pacs-gw.trust.example"), ("gw_1", "gw_1"),
+     ("-odd host!", "odd-host-"), ("!!!", "iex"), ("h" * 80, "h" * 64)],
+)  # fmt: skip
+def test_the_default_name_is_the_host_name_made_valid(host: str, name: str) -> None:
+    assert name_from_host(host) == name

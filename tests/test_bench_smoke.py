@@ -25,3 +25,4 @@ def test_benchmarks_run_in_smoke_mode() -> None:
     assert "peak" in result.stdout.lower()
     assert "limit loopback_download" in result.stdout  # bench/compare.py, iex only
     assert "tmpfs: instances" in result.stdout or "needs root" in result.stdout
+    assert "records per fsync" in result.stdout  # bench/audit_latency.py

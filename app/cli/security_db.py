@@ -43,8 +43,17 @@ def actor() -> str:
         return "cli"
 
 
-async def record_change(store: SecurityStore, what: str, trust: str | None, subject: str) -> None:
-    await store.append_audit([security_change(what, actor(), trust, subject)], seal)
+async def record_change(
+    args: argparse.Namespace,
+    store: SecurityStore,
+    what: str,
+    trust: str | None,
+    subject: str,
+) -> None:
+    """Append the record of a change (durably: the security database syncs every commit),
+    its source the gateway's name (``IEX_NAME``)."""
+    source = settings_from(args).name
+    await store.append_audit([security_change(what, actor(), trust, subject, source)], seal)
 
 
 def run(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> Callable[..., int]:

@@ -26,7 +26,7 @@ async def _issue(args: argparse.Namespace) -> int:
     issued = new_token(args.trust, roles, expires, label)
     async with security_store(args) as store:
         await store.add_token(issued.record)
-        await record_change(store, "token issued", args.trust, issued.record.id)
+        await record_change(args, store, "token issued", args.trust, issued.record.id)
     record = issued.record
     sys.stderr.write(
         f"token {record.id} for trust {record.trust} ({', '.join(record.roles)}), "
@@ -51,7 +51,7 @@ async def _list(args: argparse.Namespace) -> int:
 async def _revoke(args: argparse.Namespace) -> int:
     async with security_store(args) as store:
         token = await store.revoke_token(args.id)
-        await record_change(store, "token revoked", token.trust, token.id)
+        await record_change(args, store, "token revoked", token.trust, token.id)
     sys.stderr.write(f"token {token.id} revoked\n")
     return 0
 

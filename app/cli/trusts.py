@@ -13,7 +13,8 @@ from app.cli.security_db import record_change, run, security_store
 from app.cli.serve import add_data_dir
 from app.crypto.certs import file_fingerprint, normalise_fingerprint
 from app.errors import BadRequest
-from app.services.security import Role, check_name, parse_roles
+from app.names import check_name
+from app.services.security import Role, parse_roles
 from app.storage.security import Partner
 
 
@@ -27,7 +28,7 @@ async def _trust_add(args: argparse.Namespace) -> int:
     name = check_name(args.name)
     async with security_store(args) as store:
         await store.add_trust(name)
-        await record_change(store, "trust created", name, name)
+        await record_change(args, store, "trust created", name, name)
     sys.stderr.write(f"trust {name} created\n")
     return 0
 
@@ -55,7 +56,9 @@ async def _partner_add(args: argparse.Namespace) -> int:
     partner = Partner(name, args.trust, tuple(sorted(r.value for r in roles)), pin, time.time())
     async with security_store(args) as store:
         await store.add_partner(partner)
-        await record_change(store, "partner certificate pinned", args.trust, f"partner:{name}")
+        await record_change(
+            args, store, "partner certificate pinned", args.trust, f"partner:{name}"
+        )
     sys.stderr.write(
         f"partner {name} acts for trust {args.trust} as {', '.join(partner.roles)}; "
         f"certificate SHA-256 {pin}\n"
@@ -73,7 +76,7 @@ async def _partner_list(args: argparse.Namespace) -> int:
 async def _partner_remove(args: argparse.Namespace) -> int:
     async with security_store(args) as store:
         await store.remove_partner(args.name)
-        await record_change(store, "partner removed", None, f"partner:{args.name}")
+        await record_change(args, store, "partner removed", None, f"partner:{args.name}")
     return 0
 
 

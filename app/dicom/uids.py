@@ -1,4 +1,4 @@
-"""UID validation (PS3.5 §9.1).
+"""UID validation (PS3.5 §9.1), and the UIDs that place an instance in its study.
 
 A UID is at most 64 characters of digits and dots; each component is a number without a
 leading zero (a component may be the single digit ``0``). Validated UIDs are safe to use
@@ -8,6 +8,7 @@ in SQL parameters, URLs and log lines; they never name files (blob keys are ours
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from app.errors import InvalidUID
 
@@ -32,3 +33,15 @@ def validate_uid(value: str, what: str = "UID") -> str:
             "no empty components, no leading zeros (PS3.5 §9.1)"
         )
     return value
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """A stored instance by its place in the hierarchy (PS3.3 C.7): study, series, SOP
+    Instance, and its SOP Class. A reference taken from a request path (``/studies/{study}``)
+    may stop at the study or the series and not know the class."""
+
+    study_uid: str
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    sop_class_uid: str | None = None

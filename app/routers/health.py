@@ -17,10 +17,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="The store and the index are usable",
-    responses={503: {"description": "The store or the index is not usable"}},
+    summary="The audit trail, the store and the index are usable",
+    description="The audit trail is checked with a durable write that adds no record: "
+    "while it fails, patient data is not served (503) and neither is this.",
+    responses={503: {"description": "The audit trail, the store or the index is not usable"}},
 )
 async def readyz(services: ServicesDep) -> dict[str, str]:
+    await services.security.audit.check()
     await services.store.check()
     await services.index.check()
     return {"status": "ready"}

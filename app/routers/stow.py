@@ -22,7 +22,6 @@ from app.dicom.media import (
 from app.dicom.uids import validate_uid
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.routers.responses import json_response
-from app.services.audit import ObjectRef
 from app.services.stow import StoreResult
 from app.services.streams import limit_stream
 
@@ -84,9 +83,7 @@ async def _store(
             f'multipart/related; type="{DICOM}" or {DICOM}'
         )
     # The audit trail names what was stored (PS3.15 A.5.3.x Instances Transferred).
-    request.state.audit_objects = [
-        ObjectRef(s.study_uid, s.series_uid, s.sop_uid, s.sop_class_uid) for s in result.stored
-    ]
+    request.state.audit_objects = result.stored
     return await _answer(request, result, base_url, study)
 
 

@@ -21,8 +21,13 @@ allow-list of identifiers are replaced by ``*``.
 
 Tamper evidence: each record holds ``seq`` and the ``prev_hash`` of the one before, and is
 stored as the canonical JSON text whose SHA-256 is its ``hash``. Editing, deleting or
-reordering a record breaks the chain at that record (``verify``). Appends are batched off
-the request path by a background task; ``flush`` waits for everything queued so far.
+reordering a record breaks the chain at that record (``verify``).
+
+Durability: ``AuditTrail.record`` returns only once its record is committed and fsynced, and
+the caller answers only then; when the trail cannot be written it raises
+``AuditUnavailable`` and the access does not happen. One writer task commits every record
+waiting at that moment in one transaction (a group commit), so concurrent requests share a
+transaction and its fsync rather than queueing for one each.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.errors import BadRequest
+from app.crypto.sqlcipher import DatabaseErrors
+from app.dicom.uids import InstanceRef
+from app.errors import AuditUnavailable, BadRequest
 from app.storage.security import (
     GENESIS,
     AuditAppend,
@@ -46,10 +53,13 @@ from app.storage.security import (
     SecurityStore,
 )
 
+if TYPE_CHECKING:
+    from app.services.security import Principal
+
 log = logging.getLogger(__name__)
 
-SOURCE_ID = "iex"
-BATCH = 500
+#: The most records one transaction appends; more wait for the next.
+BATCH = 1000
 
 #: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2), the model QIDO-RS serves.
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -91,14 +101,6 @@ _QUERY_KEPT = frozenset(
 
 
 @dataclass(frozen=True)
-class ObjectRef:
-    study: str
-    series: str | None = None
-    instance: str | None = None
-    sop_class: str | None = None
-
-
-@dataclass(frozen=True)
 class AccessFacts:
     """What one HTTP exchange did, as the HTTP layer observed it; no framework types."""
 
@@ -111,10 +113,12 @@ class AccessFacts:
     trust: str | None
     kind: str  # "store", "upload", "retrieve", "metadata", "query", "export", "delete", "audit",
     # or "other"
-    objects: Sequence[ObjectRef] = ()
+    objects: Sequence[InstanceRef] = ()
     query: Sequence[tuple[str, str]] = ()
     bytes_received: int = 0
-    bytes_sent: int = 0
+    #: The length of the response body, as declared when the record is made (before any of
+    #: it is sent); ``None`` for a body streamed without a declared length.
+    bytes_sent: int | None = 0
     reason: str | None = None
 
 
@@ -146,11 +150,11 @@ def _redact(query: Sequence[tuple[str, str]]) -> str:
     return "&".join(f"{k}={v if k in _QUERY_KEPT else '*'}" for k, v in query)
 
 
-def _study_objects(objects: Sequence[ObjectRef]) -> list[dict[str, Any]]:
+def _study_objects(objects: Sequence[InstanceRef]) -> list[dict[str, Any]]:
     """One participant object per study (PS3.15 A.5.2.5), series and instances within."""
-    by_study: dict[str, list[ObjectRef]] = {}
+    by_study: dict[str, list[InstanceRef]] = {}
     for ref in objects:
-        by_study.setdefault(ref.study, []).append(ref)
+        by_study.setdefault(ref.study_uid, []).append(ref)
     out = []
     for study, refs in by_study.items():
         item: dict[str, Any] = {
@@ -159,15 +163,15 @@ def _study_objects(objects: Sequence[ObjectRef]) -> list[dict[str, Any]]:
             "ParticipantObjectIDTypeCode": STUDY_UID_TYPE,
             "ParticipantObjectID": study,
         }
-        series = sorted({r.series for r in refs if r.series})
+        series = sorted({r.series_uid for r in refs if r.series_uid})
         if series:
             item["ParticipantObjectDetail"] = [
                 {"type": "SeriesInstanceUID", "value": s} for s in series
             ]
         classes: dict[str, list[str]] = {}
         for r in refs:
-            if r.instance:
-                classes.setdefault(r.sop_class or "", []).append(r.instance)
+            if r.sop_uid:
+                classes.setdefault(r.sop_class_uid or "", []).append(r.sop_uid)
         if classes:
             item["ParticipantObjectDescription"] = {
                 "SOPClass": [
@@ -183,10 +187,11 @@ def _study_objects(objects: Sequence[ObjectRef]) -> list[dict[str, Any]]:
     return out
 
 
-def build_record(facts: AccessFacts) -> AuditAppend:
-    """The PS3.15 A.5 record of one exchange. 401 is a failed User Authentication (A.5.3.x,
-    type Login), 403 a Security Alert (Use of Restricted Function); anything else is the
-    event of the transaction attempted, its outcome taken from the status."""
+def build_record(facts: AccessFacts, source: str) -> AuditAppend:
+    """The PS3.15 A.5 record of one exchange seen by the gateway named ``source``. 401 is a
+    failed User Authentication (A.5.3.x, type Login), 403 a Security Alert (Use of
+    Restricted Function); anything else is the event of the transaction attempted, its
+    outcome taken from the status."""
     if facts.status == 401:
         event, action, types = USER_AUTHENTICATION, "E", [LOGIN]
     elif facts.status == 403:
@@ -215,7 +220,7 @@ def build_record(facts: AccessFacts) -> AuditAppend:
         requestor["NetworkAccessPointID"] = facts.client
         requestor["NetworkAccessPointTypeCode"] = "2"
     gateway = {
-        "UserID": SOURCE_ID,
+        "UserID": source,
         "UserIsRequestor": False,
         "RoleIDCode": [SOURCE_ROLE if action == "R" else DESTINATION_ROLE],
     }
@@ -235,7 +240,7 @@ def build_record(facts: AccessFacts) -> AuditAppend:
     record: dict[str, Any] = {
         "EventIdentification": identification,
         "ActiveParticipant": [requestor, gateway],
-        "AuditSourceIdentification": {"AuditSourceID": SOURCE_ID, "AuditSourceTypeCode": "4"},
+        "AuditSourceIdentification": {"AuditSourceID": source, "AuditSourceTypeCode": "4"},
         "iex": {
             "route": f"{facts.method} {facts.route}",
             "status": facts.status,
@@ -246,7 +251,7 @@ def build_record(facts: AccessFacts) -> AuditAppend:
     }
     if objects:
         record["ParticipantObjectIdentification"] = objects
-    studies = tuple(dict.fromkeys(r.study for r in facts.objects))
+    studies = tuple(dict.fromkeys(r.study_uid for r in facts.objects))
     return AuditAppend(record, facts.at, facts.trust, facts.actor, studies)
 
 
@@ -360,72 +365,149 @@ def parse_time(text: str) -> float:
 # -- the trail ----------------------------------------------------------------------------
 
 
-@dataclass
-class AuditTrail:
-    """Queues records and appends them in batches from a background task."""
+def _why(exc: BaseException) -> str:
+    """What went wrong, for a client and the log: the database's or the system's words,
+    never a path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, DatabaseErrors):
+        return str(exc)
+    return type(exc).__name__
 
-    store: SecurityStore
-    _queue: asyncio.Queue[AuditAppend] = field(default_factory=asyncio.Queue)
-    _task: asyncio.Task[None] | None = None
+
+class AuditTrail:
+    """Appends records durably, every record waiting at once in one transaction.
+
+    ``record`` and ``append`` return when their record is committed and fsynced. One writer
+    task takes all the records waiting, appends them in one transaction (one fsync), and
+    answers each waiter; records arriving meanwhile wait for the next transaction. Nothing
+    outlives its waiter: when a transaction fails, each of its waiters gets
+    ``AuditUnavailable`` and the trail is unhealthy until a write succeeds again.
+    """
+
+    def __init__(self, store: SecurityStore, source: str) -> None:
+        self.store = store
+        #: The gateway's name (``IEX_NAME``): the audit source of every record it makes.
+        self.source = source
+        self._waiting: list[tuple[AuditAppend, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        #: Why the last write failed; ``None`` while writes succeed.
+        self.problem: str | None = None
+        #: Transactions (each one fsync) and the records they appended, since the start.
+        self.commits = 0
+        self.records = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._drain(), name="iex-audit")
+        self._task = asyncio.create_task(self._write(), name="iex-audit")
 
-    def submit(self, facts: AccessFacts) -> None:
-        """Queue the record of an exchange; never blocks, never drops (the queue is unbounded;
-        the writer appends up to ``BATCH`` records per transaction)."""
-        self._queue.put_nowait(build_record(facts))
+    async def record(self, facts: AccessFacts) -> None:
+        """Append the record of an exchange; return once it is durable."""
+        await self.append(build_record(facts, self.source))
+
+    async def append(self, item: AuditAppend) -> None:
+        """Return once ``item`` is durable; ``AuditUnavailable`` if it cannot be written."""
+        if self._task is None or self._task.done() or self._closing:
+            raise AuditUnavailable("the audit trail is closed: the gateway is shutting down")
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, done))
+        self._wake.set()
+        # A waiter cancelled meanwhile (its client left) still has its record written.
+        await done
 
     async def security_change(
         self, what: str, *, actor: str, trust: str | None, subject: str
     ) -> None:
         """A change to trusts, tokens or partners (Security Alert, Security Configuration)."""
-        await self.store.append_audit([security_change(what, actor, trust, subject)], seal)
+        await self.append(security_change(what, actor, trust, subject, self.source))
 
-    async def _drain(self) -> None:
+    async def check(self) -> None:
+        """For readiness: a durable write that adds no record. ``AuditUnavailable`` when it
+        fails; when it succeeds the trail is healthy again (the next append will tell)."""
+        try:
+            await self.store.probe_audit()
+        except Exception as exc:
+            raise AuditUnavailable(
+                f"the audit trail cannot be written ({self._failed(exc)}): patient data is "
+                "not served until it can"
+            ) from exc
+        self._succeeded()
+
+    async def _write(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._append(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def _append(self, batch: list[AuditAppend]) -> None:
-        for attempt in range(5):
-            try:
-                await self.store.append_audit(batch, seal)
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                batch = self._waiting[:BATCH]
+                del self._waiting[:BATCH]
+                await self._commit(batch)
+            if self._closing:
                 return
-            except Exception:
-                log.exception("audit append failed (attempt %d), retrying", attempt + 1)
-                await asyncio.sleep(0.2 * (attempt + 1))
-        log.error("LOST %d audit records: the security database cannot be written", len(batch))
 
-    async def flush(self) -> None:
-        """Wait until every record queued so far is in the database."""
-        await self._queue.join()
+    async def _commit(self, batch: list[tuple[AuditAppend, asyncio.Future[None]]]) -> None:
+        try:
+            await self.store.append_audit([item for item, _ in batch], seal)
+        except Exception as exc:
+            detail = (
+                f"the audit trail cannot be written ({self._failed(exc)}): this access to "
+                "patient data cannot be recorded, so it is refused; try again later"
+            )
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(AuditUnavailable(detail))
+            return
+        self.commits += 1
+        self.records += len(batch)
+        self._succeeded()
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
 
-    async def query(self, where: AuditFilter) -> list[dict[str, Any]]:
-        await self.flush()
+    def _failed(self, exc: BaseException) -> str:
+        """Note a failed write (logged when the trail was healthy until now); why it failed."""
+        why = _why(exc)
+        if self.problem is None:
+            log.error(
+                "the audit trail cannot be written (%s): patient data is not served and "
+                "/readyz fails until it can",
+                why,
+                exc_info=not isinstance(exc, (OSError, *DatabaseErrors)),
+            )
+        self.problem = why
+        return why
+
+    def _succeeded(self) -> None:
+        if self.problem is not None:
+            log.warning("the audit trail can be written again")
+            self.problem = None
+
+    async def read(self, where: AuditFilter, reader: Principal) -> list[dict[str, Any]]:
+        """Records for ``GET /audit``, each with its ``hash``. An admin reads its own trust's
+        records (another trust's read as none, like another trust's studies); an admin of the
+        operator trust reads every trust's and those of callers that never authenticated."""
+        if not reader.is_operator:
+            if where.trust not in (None, reader.trust):
+                return []
+            where = replace(where, trust=reader.trust)
         rows = await self.store.audit(where)
         return [{**json.loads(r.entry), "hash": r.hash} for r in rows]
 
     async def close(self) -> None:
+        """Write what is waiting, then stop; later appends raise ``AuditUnavailable``."""
+        self._closing = True
         if self._task is None:
             return
-        await self.flush()
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        self._wake.set()
+        await self._task
         self._task = None
 
 
-def security_change(what: str, actor: str, trust: str | None, subject: str) -> AuditAppend:
-    """The record of a change to who may do what (PS3.15 A.5.3.11, Security Alert)."""
+def security_change(
+    what: str, actor: str, trust: str | None, subject: str, source: str
+) -> AuditAppend:
+    """The record of a change to who may do what (PS3.15 A.5.3.11, Security Alert), made by
+    the gateway or command line named ``source``."""
     now = time.time()
     record = {
         "EventIdentification": {
@@ -437,7 +519,7 @@ def security_change(what: str, actor: str, trust: str | None, subject: str) -> A
             "EventOutcomeDescription": what,
         },
         "ActiveParticipant": [{"UserID": actor, "UserIsRequestor": True}],
-        "AuditSourceIdentification": {"AuditSourceID": SOURCE_ID, "AuditSourceTypeCode": "4"},
+        "AuditSourceIdentification": {"AuditSourceID": source, "AuditSourceTypeCode": "4"},
         "ParticipantObjectIdentification": [
             {
                 "ParticipantObjectTypeCode": "2",

@@ -40,9 +40,9 @@ from app.dicom.multipart import (
     read_multipart,
 )
 from app.dicom.status import DESCRIPTIONS
-from app.errors import BadRequest, IexError
+from app.errors import AuditUnavailable, BadRequest, IexError
 from app.filelock import FileLock
-from app.services.audit import AccessFacts, AuditTrail, ObjectRef
+from app.services.audit import AccessFacts, AuditTrail
 from app.services.stow import FailedInstance, StoreResult, StowService
 from app.transfer.archives import ArchiveLimits, NonDicomPolicy, SkippedMember, archive_events
 from app.transfer.tus import ResumableUploads
@@ -81,7 +81,7 @@ class _Outcome:
 
     def to_json(self) -> str:
         result = self.result
-        studies: dict[str, list[str]] = {}
+        studies: dict[str, list[str | None]] = {}
         for ref in result.stored:
             studies.setdefault(ref.study_uid, []).append(ref.sop_uid)
         return json.dumps(
@@ -201,8 +201,10 @@ class UploadIngest:
             outcome = await self._outcome(upload, progress)
         finally:
             del self._progress[upload.id]
+        # The record is durable before the outcome is: no report says complete (or failed)
+        # of an ingest that the trail does not hold.
+        await self._record(_access(upload, outcome))
         await self._uploads.end_ingest(upload, outcome.state, outcome.to_json())
-        self._audit_outcome(upload, outcome)
         if outcome.state is UploadState.COMPLETE:
             log.info("upload %s ingested: %d objects stored", upload.id, len(outcome.result.stored))
         else:
@@ -304,27 +306,24 @@ class UploadIngest:
         async for event in read_multipart(chunks, boundary):
             yield event
 
-    def _audit_outcome(self, upload: Upload, outcome: _Outcome) -> None:
-        """One record per ingest: DICOM Instances Transferred into the trust (PS3.15 A.5.3),
-        by whoever created the upload; a failure is a serious failure with the reason."""
-        self._audit.submit(
-            AccessFacts(
-                at=time.time(),
-                method="INGEST",
-                route="/transfers/uploads/{upload_id}",
-                status=200 if outcome.state is UploadState.COMPLETE else 409,
-                client=None,
-                actor=upload.actor,
-                trust=upload.trust,
-                kind="store",
-                objects=[
-                    ObjectRef(r.study_uid, r.series_uid, r.sop_uid, r.sop_class_uid)
-                    for r in outcome.result.stored
-                ],
-                bytes_received=upload.length,
-                reason=outcome.error,
-            )
-        )
+    async def _record(self, facts: AccessFacts) -> None:
+        """Append the ingest's record, waiting for the trail while it cannot be written.
+
+        Nobody is waiting for an answer, so the ingest waits rather than fails: the upload
+        stays ``ingesting`` meanwhile, and is ingested again at the next start if the
+        gateway stops first (storing again is a safe retry).
+        """
+        waited = False
+        while True:
+            try:
+                await self._audit.record(facts)
+            except AuditUnavailable as exc:
+                if not waited:
+                    log.warning("ingest waits for the audit trail: %s", exc.detail)
+                    waited = True
+                await asyncio.sleep(INGEST_POLL)
+            else:
+                return
 
     # -- reports --------------------------------------------------------------------------
 
@@ -362,6 +361,24 @@ class UploadIngest:
             view[key] = outcome.get(key, [])
         view["error"] = outcome.get("error")
         return view
+
+
+def _access(upload: Upload, outcome: _Outcome) -> AccessFacts:
+    """One record per ingest: DICOM Instances Transferred into the trust (PS3.15 A.5.3), by
+    whoever created the upload; a failure is a serious failure with the reason."""
+    return AccessFacts(
+        at=time.time(),
+        method="INGEST",
+        route="/transfers/uploads/{upload_id}",
+        status=200 if outcome.state is UploadState.COMPLETE else 409,
+        client=None,
+        actor=upload.actor,
+        trust=upload.trust,
+        kind="store",
+        objects=outcome.result.stored,
+        bytes_received=upload.length,
+        reason=outcome.error,
+    )
 
 
 async def _observed(

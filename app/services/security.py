@@ -49,7 +49,6 @@ ALL_ROLES = frozenset(Role)
 #: records of every trust (and of callers that never authenticated) and the metrics.
 OPERATOR_TRUST = "local"
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN = re.compile(r"iex_([0-9a-f]{16})_([0-9a-f]{64})")
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -66,12 +65,6 @@ def parse_roles(values: list[str]) -> frozenset[Role]:
         raise BadRequest(
             f"unknown role in {sorted(names)}; roles are {', '.join(r.value for r in Role)}"
         ) from None
-
-
-def check_name(name: str, what: str = "trust") -> str:
-    if not _NAME.fullmatch(name):
-        raise BadRequest(f"a {what} name is 1-64 letters, digits, '.', '_' or '-'")
-    return name
 
 
 def parse_duration(text: str) -> int:
@@ -289,11 +282,12 @@ class Security:
 
     @classmethod
     async def start(
-        cls, store: SecurityStore, policy: SecurityPolicy, admin_token: Path
+        cls, store: SecurityStore, policy: SecurityPolicy, admin_token: Path, name: str
     ) -> Security:
         """Start the audit trail on ``store`` and, on first start, create the operator trust
-        with an admin token written to the file ``admin_token``."""
-        audit = AuditTrail(store)
+        with an admin token written to the file ``admin_token``. ``name``: the gateway's
+        (``IEX_NAME``), the source of its audit records."""
+        audit = AuditTrail(store, name)
         audit.start()
         security = cls(store, Gatekeeper(store, auth=policy.auth, rates=policy.rates), audit)
         await security._bootstrap(admin_token)
@@ -319,7 +313,7 @@ class Security:
         os.chmod(token_path, 0o600)
         await self.audit.security_change(
             "trust created with its first admin token",
-            actor="iex",
+            actor=self.audit.source,
             trust=OPERATOR_TRUST,
             subject=issued.record.id,
         )

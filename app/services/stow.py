@@ -21,6 +21,7 @@ from app.dicom.instance import InstanceHeader, InvalidInstance, read_instance_he
 from app.dicom.media import DICOM, parse_media_type
 from app.dicom.multipart import PartData, PartEnd, PartEvent, PartStart, read_multipart
 from app.dicom.status import FailureReason
+from app.dicom.uids import InstanceRef
 from app.errors import BadRequest, IexError
 from app.storage.base import (
     AlreadyIndexed,
@@ -53,14 +54,6 @@ class StowLimits:
 
 
 @dataclass(frozen=True)
-class StoredInstanceRef:
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-
-
-@dataclass(frozen=True)
 class FailedInstance:
     reason: FailureReason
     detail: str
@@ -72,7 +65,7 @@ class FailedInstance:
 
 @dataclass
 class StoreResult:
-    stored: list[StoredInstanceRef] = field(default_factory=list)
+    stored: list[InstanceRef] = field(default_factory=list)
     failed: list[FailedInstance] = field(default_factory=list)
     bytes_stored: int = 0
     #: Of ``stored``, how many were already there byte for byte (a retried store).
@@ -254,7 +247,7 @@ class StowService:
             else:
                 result.already_stored += outcome is AddOutcome.ALREADY_STORED
                 result.stored.append(
-                    StoredInstanceRef(h.study_uid, h.series_uid, h.sop_uid, h.sop_class_uid)
+                    InstanceRef(h.study_uid, h.series_uid, h.sop_uid, h.sop_class_uid)
                 )
         return result
 

@@ -402,10 +402,17 @@ class WadoService:
         location = _instance_url(base_url, inst) + "/frames/"
         if is_compressed(inst.transfer_syntax):
             parts = self._compressed_frames(inst, numbers, rep, location)
-        else:
-            layout = FrameLayout.from_dicom_json(orjson.loads(stored), sop)
-            parts = await self._native_frames(inst, layout, numbers, rep, location)
-        return await _retrieval(rep.media_type, parts)
+            return await _retrieval(rep.media_type, parts)
+        layout = FrameLayout.from_dicom_json(orjson.loads(stored), sop)
+        parts = await self._native_frames(inst, layout, numbers, rep, location)
+        # A native frame is (bits per frame + 7) // 8 bytes, so the length is known: the
+        # audit record made before the body is sent holds the bytes it will send.
+        boundary = new_boundary()
+        size = (layout.frame_bits + 7) // 8
+        length = _multipart_length(
+            boundary, [(rep.content_type, f"{location}{n}", size) for n in numbers]
+        )
+        return await _retrieval(rep.media_type, parts, boundary, length)
 
     async def _native_frames(
         self,
@@ -465,7 +472,7 @@ class WadoService:
         start, end = layout.byte_span(index)
         chunks = self._store.read(inst.blob_key, offset + start, offset + end)
         if layout.whole_bytes:
-            async for chunk in chunks:
+            async for chunk in _exactly(chunks, end - start, f"frame {index + 1}"):
                 yield chunk
             return
         covering = b"".join([chunk async for chunk in chunks])

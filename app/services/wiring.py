@@ -153,6 +153,7 @@ async def _security(settings: Settings, keys: DataKeys, running: AsyncExitStack)
             rates=RatePolicy(settings.rate_limit_burst, settings.rate_limit_per_minute),
         ),
         data_dir / ADMIN_TOKEN_FILE,
+        settings.name,
     )
     running.push_async_callback(security.close)
     return security

@@ -107,6 +107,9 @@ class SecurityStore(Protocol):
         returns the last seq (0 when there was nothing to append). Appenders in other
         processes are serialised, so the chain never forks."""
 
+    async def probe_audit(self) -> None:
+        """A durable write that appends no record: raises what an append would raise now."""
+
     async def audit(self, where: AuditFilter) -> list[AuditRow]:
         """Records matching the filter, oldest first."""
 

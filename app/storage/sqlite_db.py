@@ -120,7 +120,10 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
         result = fn(conn)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back already (a full disk, an I/O error): then the error
+        # that did it is the one to raise, not "no transaction is active".
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     return result
 

@@ -1,10 +1,14 @@
-"""The audit middleware: turns every exchange that touches patient data, and every security
-failure, into ``AccessFacts`` for the audit trail.
+"""The audit middleware: no exchange that touches patient data, and no security failure, is
+answered before its audit record is durable.
 
-A pure ASGI middleware, like the metrics one, so streamed bodies pass through unbuffered and
-are only counted. The record is queued just before the last body message goes out, so a
-client that has read a complete response can rely on its record being queued (and on
-``GET /audit``, which flushes the queue, to show it).
+A pure ASGI middleware, like the metrics one, so streamed bodies pass through unbuffered.
+It holds back ``http.response.start`` of every audited exchange until the trail has
+committed and fsynced its record (``AuditTrail.record``). At that moment the status is
+known, a store or upload has consumed its request body (bytes received), the route has
+named what it touched (``request.state.audit_objects``), and the bytes to be sent are the
+declared Content-Length; not one byte of the response has left. When the record cannot be
+written, the client gets a 503 in place of the response, whose body is never read: the
+exchange fails closed, never unaudited.
 
 What the exchange was comes from the matched route: POST stores, ``…/metadata`` reads
 metadata, the search resources (``/studies``, ``/series``, ``/instances``) query and other
@@ -15,20 +19,31 @@ A route may name its own kind in ``request.state.audit_kind``.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.services.audit import AccessFacts, AuditTrail, ObjectRef
+from app.dicom.uids import InstanceRef
+from app.errors import AuditUnavailable
+from app.services.audit import AccessFacts, AuditTrail
 from app.services.security import Principal
+
+log = logging.getLogger(__name__)
 
 #: Statuses recorded as security events on any route, patient data or not.
 SECURITY_STATUSES = frozenset({401, 403, 429})
 
 
 _UPLOAD_KINDS = {"POST": "upload", "PATCH": "upload", "DELETE": "delete"}
+
+
+class _Refused(Exception):
+    """Raised into the app from ``send`` once a 503 went out instead of its response, so
+    that it stops producing a body nobody will read. No exception handler knows it."""
 
 
 def _kind(method: str, template: str | None, state: dict[str, Any]) -> str | None:
@@ -55,7 +70,7 @@ def _kind(method: str, template: str | None, state: dict[str, Any]) -> str | Non
     return "retrieve"
 
 
-def _objects(scope: Scope, state: dict[str, Any]) -> list[ObjectRef]:
+def _objects(scope: Scope, state: dict[str, Any]) -> list[InstanceRef]:
     declared = state.get("audit_objects")
     if isinstance(declared, list):
         return declared
@@ -63,7 +78,30 @@ def _objects(scope: Scope, state: dict[str, Any]) -> list[ObjectRef]:
     study = params.get("study")
     if not isinstance(study, str):
         return []
-    return [ObjectRef(study, params.get("series"), params.get("instance"))]
+    return [InstanceRef(study, params.get("series"), params.get("instance"))]
+
+
+def _declared_length(start: Message) -> int | None:
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"content-length":
+            text = value.decode("latin-1")
+            return int(text) if text.isdigit() else None
+    return None
+
+
+async def _refuse(send: Send, detail: str) -> None:
+    body = orjson.dumps({"detail": detail})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class AuditMiddleware:
@@ -75,18 +113,8 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         at = time.time()
-        received = sent = status = 0
-        recorded = False
-
-        def record() -> None:
-            nonlocal recorded
-            if recorded:
-                return
-            recorded = True
-            facts = _facts(scope, at, status or 500, received, sent)
-            if facts is not None:
-                trail: AuditTrail = scope["app"].state.services.security.audit
-                trail.submit(facts)
+        received = 0
+        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -95,23 +123,43 @@ class AuditMiddleware:
                 received += len(message.get("body", b""))
             return message
 
-        async def recording_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    record()
+        async def record(status: int, sent: int | None) -> None:
+            facts = _facts(scope, at, status, received, sent)
+            if facts is not None:
+                trail: AuditTrail = scope["app"].state.services.security.audit
+                await trail.record(facts)
+
+        async def audited_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                try:
+                    await record(message["status"], _declared_length(message))
+                except AuditUnavailable as exc:
+                    await _refuse(send, exc.detail)
+                    raise _Refused from None
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, recording_send)
-        finally:
-            record()  # an exchange cut short (disconnect, error) is recorded as it stood
+            await self.app(scope, counting_receive, audited_send)
+        except _Refused:
+            return
+        except Exception:
+            if not started:
+                # The server answers 500: recorded first, like any answer.
+                started = True
+                try:
+                    await record(500, None)
+                except AuditUnavailable:
+                    log.error("a failed %s could not be audited either", scope["method"])
+            raise
+        if not started:
+            await record(500, None)  # the app never answered; the server will, with a 500
 
 
-def _facts(scope: Scope, at: float, status: int, received: int, sent: int) -> AccessFacts | None:
+def _facts(
+    scope: Scope, at: float, status: int, received: int, sent: int | None
+) -> AccessFacts | None:
     state: dict[str, Any] = scope.get("state") or {}
     route = scope.get("route")
     template = getattr(route, "path", None)
