@@ -245,13 +245,14 @@ def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -
             fds = _open_fds(srv.process.pid)
             records = len(_records(small_fs))
 
+            refused_study = generate_uid()
             requests: list[tuple[str, str, dict[str, object]]] = [
                 ("GET", f"/studies/{study}", {}),
                 ("GET", instance, {"headers": {"Accept": "*/*"}}),
                 ("GET", f"/studies/{study}/metadata", {}),
                 ("GET", f"{instance}/frames/1", {}),
                 ("GET", "/studies", {"params": {"StudyInstanceUID": study}}),
-                ("POST", "/studies", {"content": make_instance(), "headers": CT}),
+                ("POST", "/studies", {"content": make_instance(study_uid=refused_study), "headers": CT}),
                 ("GET", srv.url + "/audit", {}),
             ]
             for _ in range(3):
@@ -272,16 +273,25 @@ def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -
                 time.sleep(0.05)
 
             _free(small_fs)
+            # Stores are refused before they run while the trail is unwritable, so the trail
+            # finds out by itself that it is mended: no /readyz needed for them to resume.
+            store = make_instance()
+            wait_until(
+                lambda: c.post("/studies", content=store, headers=CT).status_code == 200,
+                timeout=30,
+                message="stores did not resume once the space came back",
+            )
             assert httpx.get(srv.url + "/readyz").status_code == 200
             r = c.get(instance, headers={"Accept": "*/*"})
             assert r.status_code == 200 and data in r.content
-            assert c.post("/studies", content=make_instance(), headers=CT).status_code == 200
+            # The refused store changed nothing: its study is nowhere.
+            assert c.get("/studies", params={"StudyInstanceUID": refused_study}).json() == []
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()
-    # Of all that was refused nothing is in the trail, not even in part: only the retrieval
-    # and the store after the space came back (the readiness probes add no record).
-    assert len(_records(small_fs)) == records + 2
+    # Of all that was refused nothing is in the trail, not even in part: only the store, the
+    # retrieval and the search after the space came back (probes add no record).
+    assert len(_records(small_fs)) == records + 3
     assert srv.iex("audit", "verify").startswith("ok: ")
 
 

@@ -8,7 +8,9 @@ known, a store or upload has consumed its request body (bytes received), the rou
 named what it touched (``request.state.audit_objects``), and the bytes to be sent are the
 declared Content-Length; not one byte of the response has left. When the record cannot be
 written, the client gets a 503 in place of the response, whose body is never read: the
-exchange fails closed, never unaudited.
+exchange fails closed, never unaudited. While the trail stays unwritable, requests that
+would change patient data (stores, upload chunks, deletions) are refused before they run:
+a change made then would have no record.
 
 What the exchange was comes from the matched route: POST stores, ``…/metadata`` reads
 metadata, the search resources (``/studies``, ``/series``, ``/instances``) query and other
@@ -39,6 +41,20 @@ SECURITY_STATUSES = frozenset({401, 403, 429})
 
 
 _UPLOAD_KINDS = {"POST": "upload", "PATCH": "upload", "DELETE": "delete"}
+
+#: Where patient data lives, and the methods that change it.
+_PATIENT_DATA = ("/dicomweb/", "/transfers/")
+_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_REFUSED_CHANGE = (
+    "the audit trail cannot be written ({why}): patient data is not changed until it can; "
+    "nothing was stored, try again later"
+)
+
+
+def _changes_patient_data(scope: Scope) -> bool:
+    """Whether the request would change patient data. Told by its path, before routing: a
+    request refused here has not touched anything."""
+    return scope["method"] in _CHANGING and str(scope.get("path", "")).startswith(_PATIENT_DATA)
 
 
 class _Refused(Exception):
@@ -112,6 +128,11 @@ class AuditMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        trail: AuditTrail = scope["app"].state.services.security.audit
+        if not trail.healthy and _changes_patient_data(scope):
+            # Its record could not be written either, and by then the change would be made.
+            await _refuse(send, _REFUSED_CHANGE.format(why=trail.problem))
+            return
         at = time.time()
         received = 0
         started = False
@@ -126,7 +147,6 @@ class AuditMiddleware:
         async def record(status: int, sent: int | None) -> None:
             facts = _facts(scope, at, status, received, sent)
             if facts is not None:
-                trail: AuditTrail = scope["app"].state.services.security.audit
                 await trail.record(facts)
 
         async def audited_send(message: Message) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 #: The most records one transaction appends; more wait for the next.
 BATCH = 1000
+#: Seconds between the probes of a trail that could not be written.
+PROBE_INTERVAL = 1.0
 
 #: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2), the model QIDO-RS serves.
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -434,9 +437,23 @@ class AuditTrail:
             ) from exc
         self._succeeded()
 
+    @property
+    def healthy(self) -> bool:
+        return self.problem is None
+
     async def _write(self) -> None:
         while True:
-            await self._wake.wait()
+            if self.healthy:
+                await self._wake.wait()
+            else:
+                # Changes to patient data are refused while the trail is unhealthy, so it
+                # probes by itself rather than wait for an append or /readyz to find it mended.
+                try:
+                    await asyncio.wait_for(self._wake.wait(), PROBE_INTERVAL)
+                except TimeoutError:
+                    with contextlib.suppress(AuditUnavailable):
+                        await self.check()
+                    continue
             self._wake.clear()
             while self._waiting:
                 batch = self._waiting[:BATCH]
