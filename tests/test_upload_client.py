@@ -21,7 +21,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from app.transfer.tus_client import (
     UploadMismatch,
     UploadRejected,
 )
-from tests.helpers import IexServer, free_port, make_instance
+from tests.helpers import IexServer, free_port, make_instance, wait_until
 from tests.pki import server_tls
 from tests.proxy import FaultProxy
 from tests.transfer_helpers import split_multipart
@@ -622,13 +621,13 @@ def resumed_command(
         log.close()
         try:
             assert proxy.held.wait(120), (root / "first.log").read_text()
-            url = ""
-            deadline = time.monotonic() + 60
-            while not url or head(server, url)[0] == 0:
-                assert time.monotonic() < deadline, "no acknowledged chunk"
+
+            def acknowledged_upload() -> str | None:
                 uploads = json.loads(state.read_text())["uploads"] if state.exists() else {}
                 url = next(iter(uploads.values()))["url"] if uploads else ""
-                time.sleep(0.05)
+                return url if url and head(server, url)[0] != 0 else None
+
+            url = wait_until(acknowledged_upload, timeout=60, message="an acknowledged chunk")
             first.send_signal(signal.SIGKILL)
             first.wait(30)
         finally:

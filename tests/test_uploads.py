@@ -20,7 +20,7 @@ import httpx
 import pytest
 from tusclient.client import TusClient
 
-from tests.helpers import IexServer
+from tests.helpers import IexServer, wait_until
 from tests.transfer_helpers import STREAM, TUS, metadata, tus_client
 
 MISSING = "0123456789abcdef0123456789abcdef"
@@ -233,9 +233,7 @@ def test_expired_upload_is_410(make_server: Callable[..., IexServer]) -> None:
     srv = make_server(IEX_UPLOAD_EXPIRY="1")
     with tus_client(srv) as c:
         url = create(c, 10)
-        deadline = time.monotonic() + 30
-        while c.head(url).status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: c.head(url).status_code != 200, interval=0.2, message="expiry")
         assert c.head(url).status_code == 410
         assert patch(c, url, 0, b"abc").status_code == 410
         assert c.delete(url).status_code == 204
