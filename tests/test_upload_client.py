@@ -244,6 +244,7 @@ def test_folder_tar_reads_back_with_identical_members(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow  # a thousand offsets, each read to the end of the stream
 def test_chunks_from_any_offset_are_the_stream_sliced(tmp_path: Path) -> None:
     tree(tmp_path / "src")
     source = open_source(tmp_path / "src")
