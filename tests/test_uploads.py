@@ -20,6 +20,7 @@ import httpx
 import pytest
 from tusclient.client import TusClient
 
+from app.openapi import openapi_document
 from tests.helpers import IexServer, wait_until
 from tests.transfer_helpers import STREAM, TUS, metadata, tus_client
 
@@ -89,6 +90,16 @@ def test_missing_or_unsupported_version_is_412(server: IexServer, tus: httpx.Cli
             assert r.headers["tus-version"] == "1.0.0"
             assert r.headers["tus-resumable"] == "1.0.0"
     assert offset_of(tus, url) == 0  # nothing happened to the upload
+
+
+def test_the_document_declares_the_412_and_400_answers() -> None:
+    """What the routes answer above is in the OpenAPI document, for clients and fuzzers."""
+    paths = openapi_document()["paths"]
+    for path in ("/transfers/uploads", "/transfers/uploads/{upload_id}"):
+        for method, operation in paths[path].items():
+            if method != "options":
+                assert "412" in operation["responses"], (method, path)
+    assert "400" in paths["/transfers/uploads/{upload_id}"]["patch"]["responses"]
 
 
 # -- creation, HEAD and PATCH ---------------------------------------------------------------

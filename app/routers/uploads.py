@@ -107,9 +107,11 @@ _TUS_HEADER = {
 
 
 def _spec(*responses: tuple[int, str], body: bool = False) -> dict[str, Any]:
+    # Every route but OPTIONS checks Tus-Resumable first (TusRoute).
+    responses += ((412, "Tus-Resumable is missing or not 1.0.0"),)
     extra: dict[str, Any] = {
         "parameters": [_TUS_HEADER],
-        "responses": {str(code): {"description": text} for code, text in responses},
+        "responses": {str(code): {"description": text} for code, text in sorted(responses)},
     }
     if body:
         extra["requestBody"] = {
@@ -183,7 +185,6 @@ async def upload_capabilities(services: ServicesDep) -> Response:
     openapi_extra=_spec(
         (201, "Created; Location names the upload"),
         (400, "A malformed Upload-* header"),
-        (412, "Tus-Resumable is missing or not 1.0.0"),
         (413, "Upload-Length exceeds Tus-Max-Size"),
         (415, "A body that is not application/offset+octet-stream"),
         (460, "The first chunk does not match Upload-Checksum"),
@@ -255,6 +256,7 @@ async def upload_status(upload_id: str, services: ServicesDep, principal: Upload
     response_class=Response,
     openapi_extra=_spec(
         (204, "Stored and fsynced; Upload-Offset is the new offset"),
+        (400, "Upload-Offset or Upload-Checksum is missing or malformed"),
         (403, "A final upload cannot be patched"),
         (404, "No such upload (or terminated)"),
         (409, "Upload-Offset is not the upload's offset (the current one is returned)"),
