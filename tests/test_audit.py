@@ -240,3 +240,12 @@ def test_records_survive_a_restart(tmp_path: Path) -> None:
     lines = _iex(srv.data_dir, "audit", "export").stdout.splitlines()
     assert any('"route":"GET /dicomweb/studies"' in line for line in lines)
     assert _iex(srv.data_dir, "audit", "verify").returncode == 0
+
+
+def test_a_paging_mark_past_any_seq_is_refused(server: IexServer) -> None:
+    """``after`` beyond what a record's seq can hold (SQLite INTEGER) is refused, not a 500."""
+    with httpx.Client(base_url=server.url, headers=server.headers) as c:
+        assert c.get("/audit", params={"after": 2**63}).status_code == 400
+        r = c.get("/audit", params={"after": 2**63 - 1})
+        assert r.status_code == 200, r.text
+        assert r.json() == []
