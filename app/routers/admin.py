@@ -12,10 +12,11 @@ from fastapi import APIRouter, Query, Request, Response
 
 from app.deps import Admin, ServicesDep
 from app.routers.responses import json_response
+from app.routers.routing import ResourceRoute
 from app.services.audit import parse_time
 from app.storage.sqlite_security import AuditFilter
 
-router = APIRouter(tags=["administration"])
+router = APIRouter(tags=["administration"], route_class=ResourceRoute)
 
 MAX_AUDIT_RECORDS = 10_000
 #: A record's ``seq`` is an SQLite INTEGER, at most 2**63 - 1: a larger ``after`` cannot even

@@ -21,11 +21,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
 from app.deps import RootUrlDep, ServicesDep, Uploader
 from app.errors import BadRequest, IexError, PreconditionFailed, UnsupportedMediaType
+from app.routers.routing import ResourceRoute
 from app.transfer.uploads import (
     CHECKSUM_ALGORITHMS,
     EXTENSIONS,
@@ -58,7 +58,7 @@ TUS_EXPOSED_HEADERS = (
 )
 
 
-class TusRoute(APIRoute):
+class TusRoute(ResourceRoute):
     """A route speaking tus: the version check before anything else, ``Tus-Resumable`` on
     every answer, errors included (so they are answered here, not by the app's handlers)."""
 
