@@ -58,7 +58,7 @@ bench-compare: install
 	$(BIN)/python bench/compare.py
 
 clean:
-	rm -rf $(VENV) $(TOOLS) var .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(TOOLS) var .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis
 
 openapi: install
 	$(BIN)/python -m app.openapi
