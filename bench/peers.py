@@ -59,11 +59,15 @@ class Peer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _wait_until_up(process: subprocess.Popen[bytes], url: str, what: str, log: Path) -> None:
+def wait_until_up(
+    process: subprocess.Popen[bytes], url: str, what: str, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200; the one startup wait of every benchmark's server."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited during startup:\n{log.read_text(errors='replace')}")
+            said = log.read_text(errors="replace") if log is not None else "(see its output)"
+            raise RuntimeError(f"{what} exited during startup:\n{said}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -90,7 +94,7 @@ def start_iex(work: Path, workers: int = 1) -> Peer:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    _wait_until_up(process, url + "/healthz", "iex serve", log_path)
+    wait_until_up(process, url + "/healthz", "iex serve", log_path)
     token = (data_dir / "admin.token").read_text().strip()
     return Peer(
         name="iex",
@@ -178,7 +182,7 @@ def start_orthanc(work: Path, plugin: Path) -> Peer:
             [str(ORTHANC), str(config)], cwd=work, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
-    _wait_until_up(process, url + "/system", "Orthanc", log_path)
+    wait_until_up(process, url + "/system", "Orthanc", log_path)
     system = httpx.get(url + "/system", timeout=5).json()
     dicomweb = httpx.get(url + "/plugins/dicom-web", timeout=5).json()
     return Peer(
