@@ -2,19 +2,38 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# uv installs exactly what uv.lock holds (versions and hashes). It comes itself from PyPI,
+# one release, hash-checked by pip, into a virtualenv of its own.
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+# The machine's Python, never one that uv would download.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+# --locked: refuse a uv.lock that no longer matches pyproject.toml instead of updating it.
+SYNC := $(UV) sync --locked --python $(PYTHON)
 
-.PHONY: install run test lint bench bench-compare openapi clean
+.PHONY: install install-runtime run test lint lock bench bench-compare openapi clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+$(UV): tools/uv-requirements.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --require-hashes --no-deps -r tools/uv-requirements.txt
+	touch $(UV)
 
-install: $(STAMP)
+# Runtime and test tools: what `make test` runs with.
+$(VENV)/.installed-test: $(UV) pyproject.toml uv.lock
+	$(SYNC) --extra test
+	touch $@
 
-run: install
+# The runtime alone. --inexact keeps the test tools of an earlier `make test`.
+$(VENV)/.installed-run: $(UV) pyproject.toml uv.lock
+	$(SYNC) --inexact
+	touch $@
+
+install: $(VENV)/.installed-test
+
+install-runtime: $(VENV)/.installed-run
+
+run: install-runtime
 	$(BIN)/iex serve
 
 lint: install
@@ -26,17 +45,20 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
+# After changing the dependencies in pyproject.toml: resolve them again into uv.lock.
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
+
 bench: install
 	$(BIN)/python bench/run_all.py
 
-# Side by side with Orthanc (installed from Debian's packages when absent; needs root). The
-# real CT and MR come from pydicom-data, which only this benchmark needs.
+# Side by side with Orthanc (installed from Debian's packages when absent; needs root), on the
+# real CT and MR of pydicom-data (a test dependency).
 bench-compare: install
-	$(BIN)/pip install --quiet pydicom-data
 	$(BIN)/python bench/compare.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) var .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis
 
 openapi: install
 	$(BIN)/python -m app.openapi

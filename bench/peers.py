@@ -68,11 +68,15 @@ class Peer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def wait_until_up(process: subprocess.Popen[bytes], url: str, what: str, log: Path) -> None:
+def wait_until_up(
+    process: subprocess.Popen[bytes], url: str, what: str, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200; the one startup wait of every benchmark's server."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited during startup:\n{log.read_text(errors='replace')}")
+            said = log.read_text(errors="replace") if log is not None else "(see its output)"
+            raise RuntimeError(f"{what} exited during startup:\n{said}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return

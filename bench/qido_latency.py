@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 
 import httpx
 import orjson
+from peers import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -192,16 +192,9 @@ async def _fill(data_dir: Path, studies: int) -> float:
     return time.perf_counter() - started
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def _serve(data_dir: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--data-dir", str(data_dir)]  # fmt: skip
     # The unfiltered query is rate limited per token; the benchmark measures latency, not that.
@@ -209,16 +202,7 @@ def _serve(data_dir: Path) -> Iterator[str]:
     process = subprocess.Popen(cmd, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("iex serve did not start")
-            time.sleep(0.05)
+        wait_until_up(process, url + "/healthz", "iex serve")
         yield url + "/dicomweb"
     finally:
         process.terminate()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import IO
 
 import httpx
 from dataset import generated_image
+from peers import free_port, wait_until_up
 from pydicom.uid import generate_uid
 
 BOUNDARY = "iex-bench-boundary"
@@ -56,13 +56,6 @@ def write_request(path: Path, size_bytes: int, instance_bytes: int) -> tuple[int
         return count, out.tell()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _status_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -87,7 +80,7 @@ class RssSampler(threading.Thread):
 
 
 def start_server(data_dir: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "app.cli", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
@@ -95,18 +88,8 @@ def start_server(data_dir: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes
     env = {**os.environ, "IEX_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("iex serve exited during startup")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("iex serve did not start")
+    wait_until_up(proc, url + "/healthz", "iex serve", Path(log.name))
+    return proc, url
 
 
 def main(argv: list[str] | None = None) -> int:

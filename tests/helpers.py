@@ -1,4 +1,5 @@
-"""Test helpers: a real ``iex serve`` process, generated DICOM objects, multipart bodies."""
+"""Test helpers: a real ``iex serve`` process, generated DICOM objects, multipart bodies, and
+waiting for what happens in another process."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -26,6 +27,32 @@ from app.services.keys import open_data_keys
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 30,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "the condition",
+) -> T:
+    """Call ``predicate`` until it returns something truthy, and return that.
+
+    The timeout only keeps a stuck gateway from hanging the run: nothing is asserted about
+    how long the wait takes. ``message`` says what was awaited (a callable is asked only on
+    failure, so it can describe the last state seen).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            what = message() if callable(message) else message
+            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -130,18 +157,23 @@ class IexServer:
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         RUNNING.append(self)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"iex serve exited early:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1, verify=verify).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"iex serve did not start within {timeout}s:\n{self.log()}")
+        try:
+            wait_until(lambda: self._answers(verify), timeout=timeout, message="/healthz")
+        except AssertionError:
+            self.kill()
+            raise RuntimeError(
+                f"iex serve did not start within {timeout}s:\n{self.log()}"
+            ) from None
+        return self
+
+    def _answers(self, verify: ssl.SSLContext | bool) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"iex serve exited early:\n{self.log()}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1, verify=verify).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def stop(self) -> None:
         if self.process is None:

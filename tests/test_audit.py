@@ -283,3 +283,12 @@ def test_a_gateway_will_not_start_under_a_bad_name(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_the_default_name_is_the_host_name_made_valid(host: str, name: str) -> None:
     assert name_from_host(host) == name
+
+
+def test_a_paging_mark_past_any_seq_is_refused(server: IexServer) -> None:
+    """``after`` beyond what a record's seq can hold (SQLite INTEGER) is refused, not a 500."""
+    with httpx.Client(base_url=server.url, headers=server.headers) as c:
+        assert c.get("/audit", params={"after": 2**63}).status_code == 400
+        r = c.get("/audit", params={"after": 2**63 - 1})
+        assert r.status_code == 200, r.text
+        assert r.json() == []

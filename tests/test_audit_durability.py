@@ -31,7 +31,7 @@ from app.errors import AuditUnavailable
 from app.services.audit import AccessFacts, AuditTrail, ChainVerifier
 from app.storage.security import AuditFilter
 from app.storage.sqlite_security import SQLiteSecurityStore
-from tests.helpers import IexServer, make_instance, open_db
+from tests.helpers import IexServer, make_instance, open_db, wait_until
 
 CT = {"Content-Type": "application/dicom"}
 STUDIES = "/dicomweb/studies"
@@ -246,13 +246,14 @@ def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -
             records = len(_records(small_fs))
 
             refused_study = generate_uid()
+            refused = make_instance(study_uid=refused_study)
             requests: list[tuple[str, str, dict[str, object]]] = [
                 ("GET", f"/studies/{study}", {}),
                 ("GET", instance, {"headers": {"Accept": "*/*"}}),
                 ("GET", f"/studies/{study}/metadata", {}),
                 ("GET", f"{instance}/frames/1", {}),
                 ("GET", "/studies", {"params": {"StudyInstanceUID": study}}),
-                ("POST", "/studies", {"content": make_instance(study_uid=refused_study), "headers": CT}),
+                ("POST", "/studies", {"content": refused, "headers": CT}),
                 ("GET", srv.url + "/audit", {}),
             ]
             for _ in range(3):

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+@pytest.mark.slow
 def test_benchmarks_run_in_smoke_mode() -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH / "run_all.py"), "--smoke"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from app.storage.base import AlreadyIndexed, InstanceRecord
 from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileBlobWriter, FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
-from tests.helpers import IexServer, make_instance, multipart_related, open_db
+from tests.helpers import IexServer, make_instance, multipart_related, open_db, wait_until
 
 BOUNDARY = "iex-test-boundary"
 
@@ -45,15 +44,6 @@ def _indexed_blob_keys(data_dir: Path) -> set[str]:
         return {row[0] for row in conn.execute("SELECT blob_key FROM instances")}
     finally:
         conn.close()
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    # Only a guard against hanging forever; nothing asserts how long it takes.
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- SIGKILL mid-request -------------------------------------------------------------------
@@ -84,7 +74,12 @@ def test_sigkill_mid_request_leaves_no_trace_after_restart(
     try:
         # Most of the parts, then nothing: the server is left mid-request with staged blobs.
         sock.sendall(head + body[: len(body) * 3 // 4])
-        _wait_for(lambda: len(_staged(staging)) >= 2, "parts to be staged")
+        wait_until(
+            lambda: len(_staged(staging)) >= 2,
+            timeout=60,
+            interval=0.02,
+            message="parts to be staged",
+        )
         srv.kill()
     finally:
         sock.close()

@@ -4,8 +4,8 @@
 elements (``read_from_raw_elements``, DICOM JSON by ``app.dicom.json_encoding``) and through
 pydicom (``read_instance_header_with_pydicom``). The raw route must give exactly the pydicom
 route's header, or decline; it must never accept what pydicom refuses. Checked for every file
-pydicom ships (and pydicom-data's, when installed) and for objects built byte by byte with the
-edge cases of each VR (PS3.5 §6.2, §7; PS3.18 Annex F).
+pydicom and pydicom-data ship and for objects built byte by byte with the edge cases of each
+VR (PS3.5 §6.2, §7; PS3.18 Annex F).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import data_store  # pydicom-data, a test dependency: real CT, MR, US ...
 import orjson
 import pydicom
 import pytest
@@ -43,12 +44,7 @@ _PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 PYDICOM_FILES = sorted(
     [*_PYDICOM_DATA.glob("test_files/*.dcm"), *_PYDICOM_DATA.glob("charset_files/*.dcm")]
 )
-try:
-    import data_store  # pydicom-data: real CT, MR, US ... (the benchmark's templates)
-
-    DATA_FILES = sorted((Path(data_store.__file__).parent / "data").glob("*.dcm"))
-except ImportError:
-    DATA_FILES = []
+DATA_FILES = sorted((Path(data_store.__file__).parent / "data").glob("*.dcm"))
 #: Files the raw route is expected to take, among them every encoding it handles.
 MUST_TAKE = {
     "CT_small.dcm",  # explicit VR little endian, private elements

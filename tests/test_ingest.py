@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import IexServer, make_instance
+from tests.helpers import IexServer, make_instance, wait_until
 from tests.transfer_helpers import (
     MULTIPART,
     TAR,
@@ -386,18 +385,16 @@ def test_ingest_is_audited(server: IexServer, tus: httpx.Client) -> None:
     url, _ = upload(tus, zip_of(members), metadata(content_type=ZIP))
     wait_report(tus, url)
     study = study_of(members)
-    records: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
     with httpx.Client(base_url=server.url, headers=server.headers) as c:
         # Audit records are appended in the background: wait for this one.
-        while not records and time.monotonic() < deadline:
-            records = [
+        [record] = wait_until(
+            lambda: [
                 rec
                 for rec in c.get("/audit", params={"study": study}).json()
                 if rec["iex"]["route"].startswith("INGEST ")
-            ]
-            time.sleep(0.05)
-    [record] = records
+            ],
+            message="the ingest's audit record",
+        )
     assert record["EventIdentification"]["EventActionCode"] == "C"
     assert record["EventIdentification"]["EventOutcomeIndicator"] == "0"
     assert record["ActiveParticipant"][0]["AlternativeUserID"] == "local"

@@ -9,7 +9,6 @@ point leaves, without depending on when a kill lands.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from app.storage.filesystem import FileInstanceStore
 from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
 from app.transfer.tus import ResumableUploads, UploadLimits
 from app.transfer.uploads import UploadState, parse_metadata
-from tests.helpers import IexServer
+from tests.helpers import IexServer, wait_until
 from tests.transfer_helpers import (
     ZIP,
     metadata,
@@ -81,10 +80,10 @@ def _run(data_dir: Path, mid_ingest: bool) -> None:
         assert stored_digests(server, study["study_uid"]) == source_digests(members)
         # The orphan is reclaimed and the payload's chunks are gone once ingested: one blob
         # per stored instance remains.
-        deadline = time.monotonic() + 30
-        while len(_blob_files(data_dir)) != len(members) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(_blob_files(data_dir)) == len(members), sorted(_blob_files(data_dir))
+        wait_until(
+            lambda: len(_blob_files(data_dir)) == len(members),
+            message=lambda: f"one blob per instance, not {sorted(_blob_files(data_dir))}",
+        )
         assert orphan not in _blob_files(data_dir)
     finally:
         server.stop()

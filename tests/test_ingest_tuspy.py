@@ -7,6 +7,7 @@ import hashlib
 import zipfile
 from pathlib import Path
 
+import pytest
 from pydicom.uid import generate_uid
 from tusclient.client import TusClient
 
@@ -16,6 +17,7 @@ from tests.transfer_helpers import stored_digests, studies_found, tus_client, wa
 TARGET_BYTES = 300 * 1000 * 1000
 
 
+@pytest.mark.slow
 def test_tuspy_uploads_a_300_mb_zip(server: IexServer, tmp_path: Path) -> None:
     study, series = generate_uid(), generate_uid()
     path = tmp_path / "study.zip"

@@ -1,4 +1,4 @@
-"""Every storable file pydicom ships goes in through STOW-RS and comes back unchanged.
+"""Every storable file of pydicom and pydicom-data goes in through STOW-RS, comes back unchanged.
 
 Stored, found by QIDO-RS, retrieved byte-identical by WADO-RS, and its metadata equal to
 pydicom's own DICOM JSON modulo bulk data. Then the same round trip through dicomweb-client.
@@ -18,7 +18,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from tests.helpers import IexServer, multipart_related
-from tests.pydicom_corpus import CorpusFile, storable_files
+from tests.pydicom_corpus import DATA_FILES, CorpusFile, storable_files
 
 CORPUS = storable_files()
 ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -45,7 +45,8 @@ def _parts(response: httpx.Response) -> list[tuple[str, bytes]]:
 
 
 def test_corpus_is_substantial() -> None:
-    assert len(CORPUS) >= 30
+    assert len(CORPUS) >= 50
+    assert len([f for f in CORPUS if f.path.parent == DATA_FILES]) >= 20  # the real ones
 
 
 @pytest.mark.parametrize("item", CORPUS, ids=lambda f: f.path.name)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from tests.helpers import IexServer, free_port, make_instance
+from tests.helpers import IexServer, free_port, make_instance, wait_until
 
 
 def test_health_ready_and_metrics(server: IexServer) -> None:
@@ -84,14 +83,14 @@ def test_serve_reads_host_port_and_data_dir_from_environment(tmp_path: Path) -> 
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(300):
+
+        def readyz() -> httpx.Response | None:
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                break
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
             except httpx.HTTPError:
-                time.sleep(0.05)
-        else:
-            raise AssertionError("iex serve did not come up from the environment settings")
+                return None
+
+        r = wait_until(readyz, message="iex serve to come up from the environment settings")
         assert r.status_code == 200
         assert (data_dir / "index.sqlite3").exists()
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import socket
 import struct
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from pydicom.uid import generate_uid
 from app.dicom.instance import InvalidInstance, read_instance_header
 from app.dicom.multipart import MAX_BOUNDARY_LENGTH
 from app.dicom.status import FailureReason
-from tests.helpers import IexServer, make_instance, multipart_related
+from tests.helpers import IexServer, make_instance, multipart_related, wait_until
 
 FAILED_SEQ = "00081198"
 FAILURE_REASON = "00081197"
@@ -91,21 +90,16 @@ def store_unchanged(server: IexServer, requests: int = 1) -> Iterator[None]:
     before = _state(server)
     done = _stow_requests(server)
     yield
-    _wait_for(lambda: _stow_requests(server) >= done + requests, "the server to finish")
+    wait_until(
+        lambda: _stow_requests(server) >= done + requests,
+        timeout=60,
+        interval=0.02,
+        message="the server to finish",
+    )
     after = _state(server)
     assert after.staged == frozenset(), f"staging not cleaned: {sorted(after.staged)}"
     assert after == before
     assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    # A generous deadline so a stuck server fails the test instead of hanging it; nothing
-    # is asserted about how long the wait takes.
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- bodies --------------------------------------------------------------------------------

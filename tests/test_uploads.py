@@ -20,7 +20,8 @@ import httpx
 import pytest
 from tusclient.client import TusClient
 
-from tests.helpers import IexServer
+from app.openapi import openapi_document
+from tests.helpers import IexServer, wait_until
 from tests.transfer_helpers import STREAM, TUS, metadata, tus_client, wait_report
 
 MISSING = "0123456789abcdef0123456789abcdef"
@@ -89,6 +90,16 @@ def test_missing_or_unsupported_version_is_412(server: IexServer, tus: httpx.Cli
             assert r.headers["tus-version"] == "1.0.0"
             assert r.headers["tus-resumable"] == "1.0.0"
     assert offset_of(tus, url) == 0  # nothing happened to the upload
+
+
+def test_the_document_declares_the_412_and_400_answers() -> None:
+    """What the routes answer above is in the OpenAPI document, for clients and fuzzers."""
+    paths = openapi_document()["paths"]
+    for path in ("/transfers/uploads", "/transfers/uploads/{upload_id}"):
+        for method, operation in paths[path].items():
+            if method != "options":
+                assert "412" in operation["responses"], (method, path)
+    assert "400" in paths["/transfers/uploads/{upload_id}"]["patch"]["responses"]
 
 
 # -- creation, HEAD and PATCH ---------------------------------------------------------------
@@ -233,9 +244,7 @@ def test_expired_upload_is_410(make_server: Callable[..., IexServer]) -> None:
     srv = make_server(IEX_UPLOAD_EXPIRY="1")
     with tus_client(srv) as c:
         url = create(c, 10)
-        deadline = time.monotonic() + 30
-        while c.head(url).status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: c.head(url).status_code != 200, interval=0.2, message="expiry")
         assert c.head(url).status_code == 410
         assert patch(c, url, 0, b"abc").status_code == 410
         assert c.delete(url).status_code == 204

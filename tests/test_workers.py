@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from app.services.keys import open_data_keys
 from app.storage.filesystem import FileInstanceStore
-from tests.helpers import IexServer, make_instance
+from tests.helpers import IexServer, make_instance, wait_until
 from tests.transfer_helpers import (
     metadata,
     source_digests,
@@ -72,10 +71,10 @@ def two_workers(make_server: Callable[..., IexServer]) -> IexServer:
     srv = make_server(IEX_WORKERS="2")
     staging = srv.data_dir / "staging"
     # Answering is one process being up; each stages in a directory of its own.
-    deadline = time.monotonic() + 30
-    while len([p for p in staging.iterdir() if p.is_dir()]) < 2:
-        assert time.monotonic() < deadline, "the second process did not start"
-        time.sleep(0.05)
+    wait_until(
+        lambda: len([p for p in staging.iterdir() if p.is_dir()]) >= 2,
+        message="the second process to start",
+    )
     return srv
 
 
@@ -120,9 +119,11 @@ def test_pending_connections_are_shared_between_the_workers(two_workers: IexServ
     try:
         connections = [socket.create_connection(("127.0.0.1", two_workers.port)) for _ in range(8)]
         os.kill(first, signal.SIGCONT)
-        deadline = time.monotonic() + 30
-        while all(_server_inode(two_workers.port, c) == "0" for c in connections):
-            assert time.monotonic() < deadline, "no connection was accepted"
+        wait_until(
+            lambda: any(_server_inode(two_workers.port, c) != "0" for c in connections),
+            interval=0,
+            message="a connection to be accepted",
+        )
     finally:
         for pid in (first, second):
             os.kill(pid, signal.SIGCONT)

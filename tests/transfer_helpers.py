@@ -7,14 +7,13 @@ import base64
 import hashlib
 import io
 import tarfile
-import time
 import zipfile
 from typing import Any
 
 import httpx
 from pydicom.uid import generate_uid
 
-from tests.helpers import IexServer, make_instance
+from tests.helpers import IexServer, make_instance, wait_until
 
 TUS = {"Tus-Resumable": "1.0.0"}
 STREAM = {"Content-Type": "application/offset+octet-stream"}
@@ -103,15 +102,15 @@ def upload(
 
 def wait_report(c: httpx.Client, url: str, timeout: float = 120) -> dict[str, Any]:
     """Poll the upload's report until ingest ended; the final report."""
-    deadline = time.monotonic() + timeout
-    while True:
+    seen: list[dict[str, Any]] = []
+
+    def ended() -> dict[str, Any] | None:
         r = c.get(url + "/report")
         assert r.status_code == 200, r.text
-        report: dict[str, Any] = r.json()
-        if report["state"] in ("complete", "failed"):
-            return report
-        assert time.monotonic() < deadline, f"ingest did not end: {report}"
-        time.sleep(0.05)
+        seen.append(r.json())
+        return seen[-1] if seen[-1]["state"] in ("complete", "failed") else None
+
+    return wait_until(ended, timeout=timeout, message=lambda: f"ingest to end: {seen[-1]}")
 
 
 def studies_found(server: IexServer, study_uid: str, token: str | None = None) -> list[Any]:

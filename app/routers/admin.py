@@ -12,12 +12,16 @@ from fastapi import APIRouter, Query, Request, Response
 
 from app.deps import Admin, ServicesDep
 from app.routers.responses import json_response
+from app.routers.routing import ResourceRoute
 from app.services.audit import parse_time
 from app.storage.security import AuditFilter
 
-router = APIRouter(tags=["administration"])
+router = APIRouter(tags=["administration"], route_class=ResourceRoute)
 
 MAX_AUDIT_RECORDS = 10_000
+#: A record's ``seq`` is an SQLite INTEGER, at most 2**63 - 1: a larger ``after`` cannot even
+#: be bound to the query, so it is refused as malformed.
+MAX_SEQ = 2**63 - 1
 
 _TIME = "ISO 8601 (`2024-05-01T10:00:00Z`), epoch seconds, or an age such as `24h`."
 
@@ -46,7 +50,7 @@ async def read_audit(
     study: Annotated[str | None, Query(description="Study Instance UID")] = None,
     trust: Annotated[str | None, Query(description="Trust (operator admins only)")] = None,
     actor: Annotated[str | None, Query(description="Token id or partner:<name>")] = None,
-    after: Annotated[int, Query(ge=0, description="Only records after this seq")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ, description="Only records after this seq")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_RECORDS)] = 1000,
 ) -> Response:
     where = AuditFilter(

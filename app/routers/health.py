@@ -6,8 +6,9 @@ from fastapi import APIRouter, Response
 
 from app.deps import Operator, ServicesDep
 from app.metrics import CONTENT_TYPE
+from app.routers.routing import ResourceRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=ResourceRoute)
 
 
 @router.get("/healthz", summary="The process is up")

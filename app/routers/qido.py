@@ -19,9 +19,10 @@ from app.dicom.media import DICOM_JSON, JSON, parse_accept
 from app.dicom.query import MATCHING_KEYS, QueryLevel
 from app.errors import NotAcceptable
 from app.routers.responses import json_response
+from app.routers.routing import ResourceRoute
 from app.services.security import Principal
 
-router = APIRouter(prefix="/dicomweb", tags=["QIDO-RS"])
+router = APIRouter(prefix="/dicomweb", tags=["QIDO-RS"], route_class=ResourceRoute)
 
 
 def _parameters(level: QueryLevel) -> list[dict[str, Any]]:

@@ -22,11 +22,12 @@ from app.dicom.media import (
 from app.dicom.uids import validate_uid
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.routers.responses import json_response
+from app.routers.routing import ResourceRoute
 from app.services.stow import StoreResult
 from app.services.streams import limit_stream
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/dicomweb", tags=["STOW-RS"])
+router = APIRouter(prefix="/dicomweb", tags=["STOW-RS"], route_class=ResourceRoute)
 
 _BODY = {
     "required": True,

@@ -11,9 +11,10 @@ from fastapi import APIRouter, Request, Response
 
 from app.deps import ServicesDep, Uploader
 from app.routers.responses import json_response
+from app.routers.routing import ResourceRoute
 from app.routers.uploads import PREFIX
 
-router = APIRouter(prefix=PREFIX, tags=["Resumable uploads (tus)"])
+router = APIRouter(prefix=PREFIX, tags=["Resumable uploads (tus)"], route_class=ResourceRoute)
 
 _EXAMPLE = {
     "id": "8c1d0e2b5f6a4d7e9b3c2a1f0e9d8c7b",

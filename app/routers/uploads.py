@@ -21,11 +21,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
 from app.deps import RootUrlDep, ServicesDep, Uploader
 from app.errors import BadRequest, IexError, PreconditionFailed, UnsupportedMediaType
+from app.routers.routing import ResourceRoute
 from app.transfer.uploads import (
     CHECKSUM_ALGORITHMS,
     EXTENSIONS,
@@ -58,7 +58,7 @@ TUS_EXPOSED_HEADERS = (
 )
 
 
-class TusRoute(APIRoute):
+class TusRoute(ResourceRoute):
     """A route speaking tus: the version check before anything else, ``Tus-Resumable`` on
     every answer, errors included (so they are answered here, not by the app's handlers)."""
 
@@ -107,9 +107,11 @@ _TUS_HEADER = {
 
 
 def _spec(*responses: tuple[int, str], body: bool = False) -> dict[str, Any]:
+    # Every route but OPTIONS checks Tus-Resumable first (TusRoute).
+    responses += ((412, "Tus-Resumable is missing or not 1.0.0"),)
     extra: dict[str, Any] = {
         "parameters": [_TUS_HEADER],
-        "responses": {str(code): {"description": text} for code, text in responses},
+        "responses": {str(code): {"description": text} for code, text in sorted(responses)},
     }
     if body:
         extra["requestBody"] = {
@@ -183,7 +185,6 @@ async def upload_capabilities(services: ServicesDep) -> Response:
     openapi_extra=_spec(
         (201, "Created; Location names the upload"),
         (400, "A malformed Upload-* header"),
-        (412, "Tus-Resumable is missing or not 1.0.0"),
         (413, "Upload-Length exceeds Tus-Max-Size"),
         (415, "A body that is not application/offset+octet-stream"),
         (460, "The first chunk does not match Upload-Checksum"),
@@ -255,6 +256,7 @@ async def upload_status(upload_id: str, services: ServicesDep, principal: Upload
     response_class=Response,
     openapi_extra=_spec(
         (204, "Stored and fsynced; Upload-Offset is the new offset"),
+        (400, "Upload-Offset or Upload-Checksum is missing or malformed"),
         (403, "A final upload cannot be patched"),
         (404, "No such upload (or terminated)"),
         (409, "Upload-Offset is not the upload's offset (the current one is returned)"),

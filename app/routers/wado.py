@@ -18,9 +18,10 @@ from app.dicom.frames import parse_frame_list
 from app.dicom.media import DICOM_JSON, parse_accept
 from app.dicom.uids import validate_uid
 from app.routers.responses import json_response
+from app.routers.routing import ResourceRoute
 from app.services.wado import Retrieval
 
-router = APIRouter(prefix="/dicomweb", tags=["WADO-RS"])
+router = APIRouter(prefix="/dicomweb", tags=["WADO-RS"], route_class=ResourceRoute)
 
 AcceptHeader = Annotated[
     str | None,

@@ -1,0 +1,27 @@
+"""A 405 names every method of its resource (RFC 9110 §15.5.6), not only one route's."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.helpers import IexServer
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("OPTIONS", "/dicomweb/studies", "GET, POST"),  # QIDO-RS and STOW-RS
+        ("DELETE", "/dicomweb/studies/1.2.3", "GET, POST"),  # WADO-RS and STOW-RS
+        ("PUT", "/dicomweb/studies/1.2.3/metadata", "GET"),
+        ("PUT", "/transfers/uploads", "OPTIONS, POST"),
+        ("PUT", "/transfers/uploads/0123abcd", "DELETE, HEAD, PATCH"),
+        ("POST", "/healthz", "GET"),
+    ],
+)
+def test_405_allows_every_method_of_the_resource(
+    server: IexServer, method: str, path: str, allow: str
+) -> None:
+    r = httpx.request(method, server.url + path, headers=server.headers)
+    assert r.status_code == 405, r.text
+    assert r.headers["allow"] == allow
