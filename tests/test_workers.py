@@ -117,7 +117,10 @@ def test_pending_connections_are_shared_between_the_workers(two_workers: IexServ
     for pid in (first, second):
         os.kill(pid, signal.SIGSTOP)
     try:
-        connections = [socket.create_connection(("127.0.0.1", two_workers.port)) for _ in range(8)]
+        # Enough that taking them all alone would take the first process about half a
+        # second of waits (10 ms each once it serves ten): on a busy machine the second,
+        # resumed as soon as the first accepts one, still gets there in time.
+        connections = [socket.create_connection(("127.0.0.1", two_workers.port)) for _ in range(64)]
         os.kill(first, signal.SIGCONT)
         wait_until(
             lambda: any(_server_inode(two_workers.port, c) != "0" for c in connections),
