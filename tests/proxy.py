@@ -10,7 +10,9 @@ connection's first byte:
 * ``flip(at=N)``: invert the byte at position N of the first connection that reaches it.
 * ``hold(after=N)``: once the first connection to get that far has carried N bytes (or a
   little more: whole reads are forwarded), forward nothing more from it until ``release()``;
-  ``held`` is set then. The upload stands still at a known point.
+  ``held`` is set then. The upload stands still at a known point. ``release(drop=True)``
+  closes the held connection instead of forwarding the rest: what a client that died
+  meanwhile had in flight is lost, so the server's offset stays where it stood.
 
 Plain sockets and threads, so it runs beside synchronous and asyncio tests alike.
 """
@@ -50,6 +52,7 @@ class FaultProxy:
         self._sockets: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._drop_held = False
 
     @property
     def url(self) -> str:
@@ -71,10 +74,11 @@ class FaultProxy:
             self.held.clear()
             self._released.clear()
 
-    def release(self) -> None:
-        """End every fault and let held connections go on."""
+    def release(self, *, drop: bool = False) -> None:
+        """End every fault and let held connections go on, or with ``drop`` close them."""
         with self._lock:
             self._fault = _Fault()
+            self._drop_held = drop
         self._released.set()
 
     # -- running ------------------------------------------------------------------------------
@@ -154,7 +158,7 @@ class FaultProxy:
                     break
                 if self._should_hold(position):
                     self._released.wait()
-                    if self._stopping:
+                    if self._stopping or self._drop_held:
                         break
         except OSError:
             pass

@@ -635,11 +635,13 @@ def resumed_command(
             if first.poll() is None:
                 first.kill()
                 first.wait(30)
+        # The held chunk dies with its client: forwarded after the kill, it could complete
+        # its PATCH while the command asks where to resume, and the offset would move.
+        proxy.release(drop=True)
         acknowledged = head(server, url)[0]
         kept = state.read_text()
         assert stat.S_IMODE(state.stat().st_mode) == 0o600
         assert server.token not in kept
-        proxy.release()
         again = iex_upload(*command, token=server.token)
     yield Outcome(server, study, url, proxy=proxy, acknowledged=acknowledged, resumed=again)
 
