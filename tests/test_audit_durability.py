@@ -382,3 +382,33 @@ async def test_concurrent_records_share_one_transaction(tmp_path: Path) -> None:
         await store.close()
     with pytest.raises(AuditUnavailable):
         await trail.record(_facts(generate_uid()))  # closed: refused, not queued
+
+
+async def test_a_commit_waits_for_the_records_of_exchanges_under_way(tmp_path: Path) -> None:
+    """With exchanges under way, the writer holds a commit for their records (up to
+    ``gather``; long here, so that nothing depends on timing): one commit takes them all.
+    An exchange that ends without a record lets the commit go."""
+    store = SQLiteSecurityStore(tmp_path / "security.sqlite3", key=os.urandom(32))
+    await store.open()
+    trail = AuditTrail(store, "gw-test", gather=60)
+    trail.start()
+    try:
+        first, second, silent = trail.expect(), trail.expect(), trail.expect()
+        early = asyncio.create_task(trail.record(_facts(generate_uid()), first))
+        for _ in range(5):  # the writer wakes for the first record, and waits
+            await asyncio.sleep(0)
+        assert not early.done() and trail.commits == 0
+        late = asyncio.create_task(trail.record(_facts(generate_uid()), second))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not early.done()  # one exchange is still under way
+        silent.settle()  # it ends without a record
+        await asyncio.gather(early, late)
+        assert (trail.commits, trail.records) == (1, 2)
+        assert (await _chain(store)).checked == 2
+        # A lone exchange, with nothing else under way, is committed at once.
+        await trail.record(_facts(generate_uid()), trail.expect())
+        assert (trail.commits, trail.records) == (2, 3)
+    finally:
+        await trail.close()
+        await store.close()

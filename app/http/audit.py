@@ -51,10 +51,14 @@ _REFUSED_CHANGE = (
 )
 
 
+def _patient_data(scope: Scope) -> bool:
+    return str(scope.get("path", "")).startswith(_PATIENT_DATA)
+
+
 def _changes_patient_data(scope: Scope) -> bool:
     """Whether the request would change patient data. Told by its path, before routing: a
     request refused here has not touched anything."""
-    return scope["method"] in _CHANGING and str(scope.get("path", "")).startswith(_PATIENT_DATA)
+    return scope["method"] in _CHANGING and _patient_data(scope)
 
 
 class _Refused(Exception):
@@ -136,6 +140,7 @@ class AuditMiddleware:
         at = time.time()
         received = 0
         started = False
+        expected = trail.expect() if _patient_data(scope) else None
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -147,7 +152,7 @@ class AuditMiddleware:
         async def record(status: int, sent: int | None) -> None:
             facts = _facts(scope, at, status, received, sent)
             if facts is not None:
-                await trail.record(facts)
+                await trail.record(facts, expected)
 
         async def audited_send(message: Message) -> None:
             nonlocal started
@@ -161,20 +166,24 @@ class AuditMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, audited_send)
-        except _Refused:
-            return
-        except Exception:
+            try:
+                await self.app(scope, counting_receive, audited_send)
+            except _Refused:
+                return
+            except Exception:
+                if not started:
+                    # The server answers 500: recorded first, like any answer.
+                    started = True
+                    try:
+                        await record(500, None)
+                    except AuditUnavailable:
+                        log.error("a failed %s could not be audited either", scope["method"])
+                raise
             if not started:
-                # The server answers 500: recorded first, like any answer.
-                started = True
-                try:
-                    await record(500, None)
-                except AuditUnavailable:
-                    log.error("a failed %s could not be audited either", scope["method"])
-            raise
-        if not started:
-            await record(500, None)  # the app never answered; the server will, with a 500
+                await record(500, None)  # the app never answered; the server will, with a 500
+        finally:
+            if expected is not None:
+                expected.settle()
 
 
 def _facts(

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 #: Seconds between the probes of a trail that could not be written.
 PROBE_INTERVAL = 1.0
+#: Seconds a transaction may wait for the records of exchanges under way (see ``Expected``).
+GATHER = 0.0005
 
 #: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2), the model QIDO-RS serves.
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -378,24 +380,45 @@ def _why(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class Expected:
+    """An exchange under way whose record is still to come; settled when it is appended, or
+    when the exchange ends without one. While some are unsettled, a transaction waits a
+    moment (``GATHER``) for their records: one commit then carries several, which costs
+    less CPU and fewer fsyncs than a commit each (concurrent small retrievals spent a fifth
+    more CPU without it). A lone exchange never waits."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail: AuditTrail | None = trail
+
+    def settle(self) -> None:
+        if self._trail is not None:
+            self._trail._settle()
+            self._trail = None
+
+
 class AuditTrail:
     """Appends records durably, every record waiting at once in one transaction.
 
     ``record`` and ``append`` return when their record is committed and fsynced. One writer
     task takes all the records waiting, appends them in one transaction (one fsync), and
-    answers each waiter; records arriving meanwhile wait for the next transaction. Nothing
+    answers each waiter; records arriving meanwhile wait for the next transaction. While
+    other exchanges are under way (``expect``), a transaction waits a moment for their
+    records too. Nothing
     outlives its waiter: when a transaction fails, each of its waiters gets
     ``AuditUnavailable`` and the trail is unhealthy until a write succeeds again.
     """
 
-    def __init__(self, store: SecurityStore, source: str) -> None:
+    def __init__(self, store: SecurityStore, source: str, *, gather: float = GATHER) -> None:
         self.store = store
         #: The gateway's name (``IEX_NAME``): the audit source of every record it makes.
         self.source = source
+        #: The longest a transaction waits for the records of exchanges under way.
+        self.gather = gather
         self._waiting: list[tuple[AuditAppend, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._expected = 0
         #: Why the last write failed; ``None`` while writes succeed.
         self.problem: str | None = None
         #: Transactions (each one fsync) and the records they appended, since the start.
@@ -405,12 +428,23 @@ class AuditTrail:
     def start(self) -> None:
         self._task = asyncio.create_task(self._write(), name="iex-audit")
 
-    async def record(self, facts: AccessFacts) -> None:
-        """Append the record of an exchange; return once it is durable."""
-        await self.append(build_record(facts, self.source))
+    def expect(self) -> Expected:
+        """Note an exchange under way that will probably append a record."""
+        self._expected += 1
+        return Expected(self)
 
-    async def append(self, item: AuditAppend) -> None:
+    def _settle(self) -> None:
+        self._expected -= 1
+        self._wake.set()
+
+    async def record(self, facts: AccessFacts, expected: Expected | None = None) -> None:
+        """Append the record of an exchange; return once it is durable."""
+        await self.append(build_record(facts, self.source), expected)
+
+    async def append(self, item: AuditAppend, expected: Expected | None = None) -> None:
         """Return once ``item`` is durable; ``AuditUnavailable`` if it cannot be written."""
+        if expected is not None:
+            expected.settle()
         if self._task is None or self._task.done() or self._closing:
             raise AuditUnavailable("the audit trail is closed: the gateway is shutting down")
         done = asyncio.get_running_loop().create_future()
@@ -455,12 +489,28 @@ class AuditTrail:
                         await self.check()
                     continue
             self._wake.clear()
+            if self._waiting:
+                await self._gather()
             while self._waiting:
                 batch = self._waiting[:BATCH]
                 del self._waiting[:BATCH]
                 await self._commit(batch)
             if self._closing:
                 return
+
+    async def _gather(self) -> None:
+        """Wait, ``gather`` seconds at most, while exchanges under way may still add records."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gather
+        while self._expected > 0 and len(self._waiting) < BATCH and not self._closing:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+            self._wake.clear()
 
     async def _commit(self, batch: list[tuple[AuditAppend, asyncio.Future[None]]]) -> None:
         try:
