@@ -20,60 +20,18 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import _load, measure_wado_instances, measure_wado_study  # noqa: E402
 from dataset import InstanceRef, ct_study_batches, load_templates  # noqa: E402
+from mounts import KINDS, CannotMount, drop_cached_pages, mounted  # noqa: E402
 from peers import Peer, start_iex  # noqa: E402
 from throughput import cpu_seconds  # noqa: E402
-
-KINDS = ("ext4-loop", "tmpfs", "overlayfs")
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
-
-
-@contextmanager
-def mounted(kind: str, base: Path, size_mb: int) -> Iterator[Path]:
-    target = base / "mnt"
-    target.mkdir()
-    if kind == "tmpfs":
-        _sh("mount", "-t", "tmpfs", "-o", f"size={size_mb}M,mode=0700", "iex-bench", str(target))
-    elif kind == "overlayfs":
-        layers = {name: base / name for name in ("lower", "upper", "work")}
-        for layer in layers.values():
-            layer.mkdir()
-        options = ",".join(f"{name}dir={path}" for name, path in layers.items())
-        _sh("mount", "-t", "overlay", "overlay", "-o", options, str(target))
-    else:
-        image = base / "ext4.img"
-        _sh("truncate", "-s", f"{size_mb}M", str(image))
-        _sh("mkfs.ext4", "-q", "-F", str(image))
-        _sh("mount", "-o", "loop", str(image), str(target))
-    try:
-        yield target
-    finally:
-        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
-            _sh("umount", "-l", str(target))
-
-
-def _drop_cached_pages(data_dir: Path) -> None:
-    for blob in (data_dir / "blobs").rglob("*"):
-        if blob.is_file():
-            fd = os.open(blob, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
 
 Runs = dict[str, list[tuple[float, float]]]
 
@@ -108,7 +66,7 @@ async def measure(kind: str, study_instances: int, rounds: int) -> Runs:
                     runs.setdefault(f"{kind}: instances", []).append(await _instances(peer, refs))
                     runs.setdefault(f"{kind}: whole study", []).append(await _study(peer, refs))
                     if kind == "ext4-loop":
-                        _drop_cached_pages(target / "iex-data")
+                        drop_cached_pages(target / "iex-data")
                         cold = await _instances(peer, refs)
                         runs.setdefault(f"{kind}, not cached: instances", []).append(cold)
             finally:
@@ -132,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in KINDS:
         try:
             measured = asyncio.run(measure(kind, study, rounds))
-        except subprocess.CalledProcessError as exc:  # a container may forbid mounting
-            lines.append(f"{kind}: not measured, cannot mount here: {exc.stderr.strip()}")
+        except CannotMount as exc:  # a container may forbid mounting
+            lines.append(f"{kind}: not measured, cannot mount here: {exc}")
             continue
         for name, runs in measured.items():
             figure = statistics.median(r[0] for r in runs)

@@ -25,7 +25,7 @@ from app.services.keys import open_data_keys
 from app.storage.encrypted import EncryptedInstanceStore
 from app.storage.filesystem import FileInstanceStore
 from tests.helpers import IexServer, make_instance, multipart_related
-from tests.mounts import KINDS, mounted
+from tests.mounts import KINDS, drop_cached_pages, mounted
 from tests.transfer_helpers import (
     AS_STORED,
     ZIP,
@@ -129,13 +129,7 @@ def test_retrieval_after_the_pages_left_the_cache(gateway: IexServer) -> None:
     study, objects = _study()
     with gateway.client() as c:
         _store(c, objects)
-    for blob in (gateway.data_dir / "blobs").rglob("*"):
-        if blob.is_file():
-            fd = os.open(blob, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    drop_cached_pages(gateway.data_dir / "blobs")
     with gateway.client() as c:
         _assert_study_intact(c, study, objects)
     gateway.stop()
