@@ -141,7 +141,7 @@ class IexServer:
     def dicomweb(self) -> str:
         return self.url + "/dicomweb"
 
-    def start(self, timeout: float = 30) -> IexServer:
+    def start(self, timeout: float = 120) -> IexServer:
         self.port = self.port or free_port()
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
         env = {**os.environ, **self.env}
