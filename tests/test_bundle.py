@@ -403,3 +403,39 @@ def test_memory_is_bounded_for_a_large_instance(tmp_path: Path) -> None:
     assert size == total and got.hexdigest() == expected.hexdigest()
     assert write_peak < 16 << 20, write_peak
     assert read_peak < 16 << 20, read_peak
+
+
+def test_a_zstd_window_over_8_mib_is_refused(tmp_path: Path) -> None:
+    """A frame asking for a 128 MiB window is an error, not an allocation, even sealed and
+    signed by the sender."""
+    import zstandard
+
+    from app.crypto import exchange
+    from app.crypto.segments import Sealer
+
+    plaintext = os.urandom(1 << 20) * 2
+    params = zstandard.ZstdCompressionParameters.from_level(19, window_log=27)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    frame = compressor.compress(plaintext) + compressor.flush()  # size unknown: window kept
+    meta = InstanceMeta(
+        generate_uid(), generate_uid(), "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+    )
+    sink = io.BytesIO()
+    writer = _writer(sink, segment_size=1 << 20)
+    writer.add_instance(meta, [plaintext])
+    head = writer.finish()
+    honest = tmp_path / "honest.iexb"
+    honest.write_bytes(head + sink.getvalue())
+    _, manifest, _, _ = split(honest)
+    key = exchange.open_key(
+        RECIPIENT_KEY, base64.b64decode(manifest["encryption"]["ephemeral"]), "x25519-1", "tr-1"
+    )
+    sealer = Sealer(key.aes, "x25519-1", "tr-1/0", 1 << 20)
+    sealed = sealer.header + b"".join(sealer.update(frame)) + b"".join(sealer.finish())
+
+    def reseal(m: dict[str, Any]) -> None:
+        m["instances"][0]["length"] = m["data_length"] = len(sealed)
+
+    forged = resign(honest, reseal, data=sealed)
+    with pytest.raises(BundleCorrupt, match="instance 0 .*does not decompress as zstd"):
+        receive(forged)
