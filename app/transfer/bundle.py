@@ -41,7 +41,7 @@ import zstandard
 from app.crypto import exchange
 from app.crypto.errors import IntegrityError, KeyUnavailable, SignatureInvalid, UnknownKey
 from app.crypto.exchange import AgreementPrivateKey, AgreementPublicKey, SigningKey, VerifyKey
-from app.crypto.segments import MAX_HEADER_SIZE, Header, Opener, Sealer
+from app.crypto.segments import MAX_HEADER_SIZE, MIN_SEGMENT_SIZE, Header, Opener, Sealer
 from app.dicom.uids import is_valid_uid
 from app.names import is_valid_name
 from app.transfer import canonical_json as cj
@@ -94,6 +94,12 @@ def encode_head(manifest_bytes: bytes, signature: bytes) -> bytes:
 # -- writing ---------------------------------------------------------------------------------
 
 
+class _Compressor(Protocol):
+    def compress(self, data: bytes, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
 class _Identity:
     def compress(self, data: bytes) -> bytes:
         return data
@@ -102,7 +108,7 @@ class _Identity:
         return b""
 
 
-def _compressor(compression: Compression) -> _Identity | Any:
+def _compressor(compression: Compression) -> _Compressor:
     if compression is Compression.ZSTD:
         return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
     if compression is Compression.GZIP:
@@ -143,8 +149,8 @@ class BundleWriter:
             raise ValueError("a transfer id is 1-64 letters, digits, '.', '_' or '-'")
         if not is_valid_uid(study):
             raise ValueError("the study must be a Study Instance UID")
-        if not 4096 <= segment_size <= MAX_BUNDLE_SEGMENT_SIZE:
-            raise ValueError(f"segment size must be 4096..{MAX_BUNDLE_SEGMENT_SIZE}")
+        if not MIN_SEGMENT_SIZE <= segment_size <= MAX_BUNDLE_SEGMENT_SIZE:
+            raise ValueError(f"segment size must be {MIN_SEGMENT_SIZE}..{MAX_BUNDLE_SEGMENT_SIZE}")
         self._sender = sender
         self._recipient = recipient
         self._transfer = transfer_id
