@@ -288,6 +288,7 @@ async def test_arrivals_are_recorded_with_their_receipt(service: TransferService
     assert (done.state, done.receipt, done.bytes_sent) == (D, RECEIPT, 100)
     shown = view(done)
     assert shown["direction"] == "in" and shown["state"] == "delivered"
+    assert view(arrived)["next_attempt_at"] is None  # no runner runs an arrival
     assert shown["receipt"] == {"receipt": '{"result":"stored"}', "signature": "c2ln"}
     assert "checkpoint" not in shown
     with pytest.raises(IllegalTransition):

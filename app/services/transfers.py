@@ -239,7 +239,8 @@ def view(job: TransferJob) -> dict[str, Any]:
         "bytes_total": job.bytes_total,
         "attempts": job.attempts,
         "last_error": job.last_error,
-        "next_attempt_at": (None if job.state.final or job.paused else _iso(job.next_attempt_at)),
+        # When the runner will next try: only for an outbound transfer it will run.
+        "next_attempt_at": _iso(job.next_attempt_at) if job.runnable else None,
         "created_at": _iso(job.created_at),
         "updated_at": _iso(job.updated_at),
         "receipt": _receipt(job.receipt),
