@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     upload_expiry: float = Field(default=24 * 3600.0, gt=0)
     #: Seconds between sweeps that remove expired uploads and their chunks.
     upload_sweep_interval: float = Field(default=300.0, gt=0)
+    #: Outbound transfers to one partner gateway running at once (routine ones; an urgent
+    #: transfer may use one more, so it never waits behind routine ones).
+    transfer_partner_concurrency: int = Field(default=2, ge=1, le=64)
+    #: Seconds a transfer keeps being retried after transient failures (without progress in
+    #: between) before it fails; ``POST /transfers/{id}/retry`` queues it again.
+    transfer_retry_window: float = Field(default=6 * 3600.0, gt=0)
+    #: Seconds a process's claim on a running transfer lasts without renewal: how soon
+    #: another process takes over the transfers of one that died.
+    transfer_lease: float = Field(default=30.0, gt=0)
     #: Zip and tar uploads: the most entries, the largest total once unpacked, and the
     #: highest compression ratio accepted (beyond: refused as a zip bomb).
     archive_max_members: int = Field(default=100_000, gt=0)

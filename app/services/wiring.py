@@ -32,6 +32,8 @@ from app.services.security import (
     SecurityPolicy,
 )
 from app.services.stow import StowLimits, StowService
+from app.services.transfer_runner import RunnerPolicy, TransferRunner
+from app.services.transfers import TransferService
 from app.services.wado import WadoService
 from app.settings import Settings
 from app.storage.base import InstanceStore, MetadataIndex
@@ -40,6 +42,9 @@ from app.storage.filesystem import FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
 from app.storage.sqlite_security import SQLiteSecurityStore
 from app.transfer.archives import ArchiveLimits, NonDicomPolicy
+from app.transfer.delivery import Delivery, ExchangeNotConfigured
+from app.transfer.jobs import Backoff
+from app.transfer.sqlite_jobs import TRANSFERS_FILE, SQLiteTransferJobs
 from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
 from app.transfer.tus import ResumableUploads, UploadLimits
 
@@ -61,14 +66,18 @@ class Services:
     ingest: UploadIngest
     metrics: Metrics
     security: Security
+    transfers: TransferService
 
 
 @asynccontextmanager
 async def build_services(
-    settings: Settings, *, metrics: Metrics | None = None
+    settings: Settings, *, metrics: Metrics | None = None, delivery: Delivery | None = None
 ) -> AsyncIterator[Services]:
     """The services of one process serving ``settings.data_dir``, running until the context
     exits (background tasks stopped, databases and files closed, in reverse order).
+
+    ``delivery`` does the sending of outbound transfers; without one, every transfer fails
+    at once with "exchange not configured".
 
     While it runs the process holds the keys' lock shared, so key rotation waits for every
     serving process to stop. Processes get ready one at a time, under the startup lock:
@@ -82,13 +91,19 @@ async def build_services(
         running.callback(startup.release)
         kek = settings.kek.get_secret_value() if settings.kek else None
         keys = await asyncio.to_thread(open_data_keys, data_dir, kek)
-        services = await _build(settings, keys, metrics or Metrics(), running)
+        services = await _build(
+            settings, keys, metrics or Metrics(), delivery or ExchangeNotConfigured(), running
+        )
         startup.release()
         yield services
 
 
 async def _build(
-    settings: Settings, keys: DataKeys, metrics: Metrics, running: AsyncExitStack
+    settings: Settings,
+    keys: DataKeys,
+    metrics: Metrics,
+    delivery: Delivery,
+    running: AsyncExitStack,
 ) -> Services:
     """The parts, each one's shutdown pushed on ``running`` as soon as it is started."""
     data_dir = settings.data_dir
@@ -138,6 +153,7 @@ async def _build(
         ingest=ingest,
         metrics=metrics,
         security=security,
+        transfers=await _transfers(settings, keys, delivery, running),
     )
 
 
@@ -157,6 +173,24 @@ async def _security(settings: Settings, keys: DataKeys, running: AsyncExitStack)
     )
     running.push_async_callback(security.close)
     return security
+
+
+async def _transfers(
+    settings: Settings, keys: DataKeys, delivery: Delivery, running: AsyncExitStack
+) -> TransferService:
+    """Transfer jobs and this process's runner of them (stopped before its store closes)."""
+    store = SQLiteTransferJobs(settings.data_dir / TRANSFERS_FILE, key=keys.index_key)
+    await store.open()
+    running.push_async_callback(store.close)
+    policy = RunnerPolicy(
+        partner_limit=settings.transfer_partner_concurrency,
+        backoff=Backoff(window=settings.transfer_retry_window),
+        lease=settings.transfer_lease,
+    )
+    runner = TransferRunner(store, delivery, policy)
+    runner.start()
+    running.push_async_callback(runner.close)
+    return TransferService(store, runner)
 
 
 def _ingest_policy(settings: Settings) -> IngestPolicy:
