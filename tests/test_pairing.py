@@ -120,7 +120,19 @@ def _private_keys(data_dir: Path) -> list[bytes]:
     return private
 
 
+def _owners(data_dir: Path) -> set[tuple[str, str]]:
+    """(owner, state) of the identity keys ``iex keys status`` lists."""
+    rows = [line.split() for line in _ok(data_dir, "keys", "status").splitlines()[2:]]
+    return {(row[1], row[-2]) for row in rows if row[0].startswith(("sig-", "xch-"))}
+
+
 def test_identity_export(gateway: IexServer, tls: TlsFiles) -> None:
+    # Made before any export: by the gateway's start, and by `iex trust add` beside it.
+    assert _owners(gateway.data_dir) == {
+        ("@signing", "active"),
+        ("@exchange:local", "active"),
+        ("@exchange:rad-a", "active"),
+    }
     first = _export(gateway, "--url", URL_A + "/", "--tls-cert", str(tls.cert))
     assert first["format"] == "iex-identity/1"
     assert (first["gateway"], first["url"]) == ("gw-a", URL_A)
@@ -163,10 +175,7 @@ def test_rotate_identity(make_server: Callable[..., IexServer]) -> None:
     rotated = _ok(srv.data_dir, "keys", "rotate", "--identity").splitlines()
     assert rotated[0].startswith("signing key: sig-")
     assert rotated[1].startswith("trust local: exchange key xch-")
-    status = _ok(srv.data_dir, "keys", "status")
-    rows = [line.split() for line in status.splitlines()[2:]]
-    owners = {(row[1], row[-2]) for row in rows if row[0].startswith(("sig-", "xch-"))}
-    assert owners == {
+    assert _owners(srv.data_dir) == {
         ("@signing", "active"),
         ("@signing", "retired"),
         ("@exchange:local", "active"),
