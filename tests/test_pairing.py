@@ -145,7 +145,8 @@ def test_identity_export(gateway: IexServer, tls: TlsFiles) -> None:
 
     # IEX_PUBLIC_URL is the default URL, IEX_TLS_CERT the certificate; the keys stay.
     env = {"IEX_PUBLIC_URL": URL_A, "IEX_TLS_CERT": str(tls.cert), "IEX_NAME": "gw-a"}
-    second = json.loads(_ok(gateway.data_dir, "identity", "export", **env))
+    output = _ok(gateway.data_dir, "identity", "export", **env)
+    second = json.loads(output)
     assert _keys(second) == _keys(first) and second["tls_sha256"] == first["tls_sha256"]
     assert "tls_sha256" not in _export(gateway, "--url", URL_A)  # not serving TLS: none
 
@@ -156,6 +157,8 @@ def test_identity_export(gateway: IexServer, tls: TlsFiles) -> None:
     private = _private_keys(gateway.data_dir)
     assert len(private) == 3
     assert _files_holding(gateway.data_dir.parent, private) == []
+    for secret in private:
+        assert base64.b64encode(secret).decode() not in output and secret.hex() not in output
 
     for args, message in (
         ((), "give --url"),
