@@ -90,10 +90,11 @@ def test_list_remove_and_their_audit_records(gateway: IexServer, pki: Path) -> N
     gateway.iex("partner", "add", "west", "--trust", "north-trust", "--role", "reader,uploader",
                 "--cert-sha256", colons)  # fmt: skip
     gateway.iex("partner", "add", "east", "--trust", "local", "--cert", str(pki / "east.pem"))
-    # One line per partner, by name: name, trust, roles, certificate SHA-256 (tab-separated).
+    # One line per partner, by name (tab-separated): name, trust, roles, URL, certificate
+    # SHA-256, whether it gave us a token, the key ids of its identity (none here).
     assert gateway.iex("partner", "list").splitlines() == [
-        f"east\tlocal\treader\t{east}",
-        f"west\tnorth-trust\treader,uploader\t{west}",
+        f"east\tlocal\treader\t-\t{east}\ttoken:no\t-",
+        f"west\tnorth-trust\treader,uploader\t-\t{west}\ttoken:no\t-",
     ]
     assert _search(gateway, pki, "east").status_code == 200
     assert _search(gateway, pki, "west").status_code == 200
@@ -101,7 +102,7 @@ def test_list_remove_and_their_audit_records(gateway: IexServer, pki: Path) -> N
     removed = _iex(gateway, "partner", "remove", "east")
     assert removed.returncode == 0, removed.stderr
     assert gateway.iex("partner", "list").splitlines() == [
-        f"west\tnorth-trust\treader,uploader\t{west}"
+        f"west\tnorth-trust\treader,uploader\t-\t{west}\ttoken:no\t-"
     ]
     # The running gateway looks the pin up on every request: the very next one is refused.
     refused = _search(gateway, pki, "east")
@@ -110,8 +111,8 @@ def test_list_remove_and_their_audit_records(gateway: IexServer, pki: Path) -> N
     assert _search(gateway, pki, "west").status_code == 200
 
     assert _changes(gateway) == [
-        ("partner certificate pinned", "partner:west", "north-trust"),
-        ("partner certificate pinned", "partner:east", "local"),
+        ("partner registered", "partner:west", "north-trust"),
+        ("partner registered", "partner:east", "local"),
         ("partner removed", "partner:east", None),
     ]
 
@@ -135,6 +136,6 @@ def test_a_removed_partner_can_be_pinned_again(gateway: IexServer, pki: Path) ->
     gateway.iex("partner", "add", "north", "--trust", "local", "--cert", str(pki / "north.pem"))
     assert _search(gateway, pki, "north").status_code == 200
     assert (
-        f"north\tlocal\treader\t{_fingerprint(pki, 'north')}"
+        f"north\tlocal\treader\t-\t{_fingerprint(pki, 'north')}\ttoken:no\t-"
         in gateway.iex("partner", "list").splitlines()
     )

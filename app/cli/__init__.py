@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.cli import audit, keys, serve, tokens, trusts, upload
+from app.cli import agreements, audit, identity, keys, serve, tokens, trusts, upload
 
-COMMAND_GROUPS = (serve, trusts, tokens, audit, keys, upload)
+COMMAND_GROUPS = (serve, trusts, tokens, agreements, identity, audit, keys, upload)
 
 
 def build_parser() -> argparse.ArgumentParser:

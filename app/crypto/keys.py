@@ -153,13 +153,26 @@ class Keyring:
                 return w.id, self._keys[w.id]
         return None
 
-    def new_key(self, trust: str) -> WrappedKey:
-        """Make a DEK for new writes of ``trust``; earlier ones stay for reading.
+    def owner(self, key_id: str) -> str:
+        """Whose key ``key_id`` is: a trust, ``@index``, or an identity owner."""
+        try:
+            return self._wrapped[key_id].trust
+        except KeyError:
+            raise KeyUnavailable(f"no key {key_id!r} in the keyring") from None
 
-        The caller persists the returned keys (the new one, and the old one now inactive).
+    def owned(self, owner: str) -> list[tuple[WrappedKey, bytes]]:
+        """Every key of ``owner`` (retired ones too), oldest first."""
+        return [(w, self._keys[w.id]) for w in self.wrapped_keys if w.trust == owner]
+
+    def new_key(self, trust: str, prefix: str = "dek-", key: bytes | None = None) -> WrappedKey:
+        """Make the key for new use by ``trust`` (an owner); earlier ones stay for reading.
+
+        A DEK by default; identity keys (``app.crypto.identity``) pass their ``prefix`` and
+        the private ``key`` they generated. The caller persists the returned keys (the new
+        one, and the old one now inactive).
         """
-        key_id = "dek-" + secrets.token_hex(8)
-        dek = secrets.token_bytes(KEY_SIZE)
+        key_id = prefix + secrets.token_hex(8)
+        dek = secrets.token_bytes(KEY_SIZE) if key is None else key
         for old_id, old in list(self._wrapped.items()):
             if old.trust == trust and old.active:
                 self._wrapped[old_id] = replace(old, active=False)

@@ -1,8 +1,9 @@
 """Where keys live on disk: the KEK file and the keyring of wrapped keys beside it.
 
 ``keys/kek`` holds the key-encryption key (mode 0600) unless ``IEX_KEK`` provides it;
-``keys/keyring.json`` holds every wrapped key (per-trust DEKs and the index key) and the id
-of the KEK that wraps them. Neither file holds anything usable without the KEK.
+``keys/keyring.json`` holds every wrapped key (per-trust DEKs, the index key, the identity
+keys of ``app.crypto.identity``) and the id of the KEK that wraps them. Neither file holds
+anything usable without the KEK.
 
 KEK rotation must switch two files together. The order makes any crash recoverable:
 (1) write ``keyring.json.next`` wrapped by the new KEK, (2) write the new KEK to ``kek.next``,
@@ -20,10 +21,23 @@ import base64
 import json
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.crypto.errors import KeyUnavailable
+from app.crypto.identity import (
+    EXCHANGE_PREFIX,
+    SIGNING_OWNER,
+    SIGNING_PREFIX,
+    ExchangeKey,
+    SigningKey,
+    exchange_owner,
+    exchange_trust,
+    is_identity_owner,
+    new_exchange_private,
+    new_signing_private,
+)
 from app.crypto.keys import (
     KeyEncryptionKey,
     Keyring,
@@ -177,13 +191,15 @@ class KeyStore:
 
 
 class DataKeys:
-    """The keys a running gateway encrypts with: per-trust DEKs and the index key.
+    """The keys a running gateway works with: per-trust DEKs, the index key, and the
+    identity keys (``app.crypto.identity``: the signing key, each trust's exchange key).
 
     A trust's first write makes its DEK and saves the keyring before any byte is sealed with
-    it, so a key that protects data is always on disk (wrapped) first. Several processes may
-    serve one data directory: a key is added under a lock on the keyring file, to the
-    keyring as saved (so no process's key is lost, and a trust gets one DEK), and a key
-    another process added is read from disk the first time it is needed.
+    it, so a key that protects data is always on disk (wrapped) first; an identity key is
+    saved before it is first used or published, the same way. Several processes may serve
+    one data directory: a key is added under a lock on the keyring file, to the keyring as
+    saved (so no process's key is lost, and an owner gets one active key), and a key another
+    process added is read from disk the first time it is needed.
     """
 
     def __init__(self, store: KeyStore, ring: Keyring) -> None:
@@ -196,26 +212,41 @@ class DataKeys:
         return self._ring
 
     def key(self, key_id: str) -> bytes:
-        """A DEK by id; one this process has not seen yet is looked for on disk (blocking)."""
+        """A DEK by id; one this process has not seen yet is looked for on disk (blocking).
+
+        Identity keys are refused: a key serves one purpose, whatever an object's header
+        names."""
         try:
-            return self._ring.key(key_id)
+            owner = self._owner(key_id)
+        except KeyUnavailable:
+            raise KeyUnavailable(f"no data key {key_id!r} in the keyring") from None
+        if is_identity_owner(owner):
+            raise KeyUnavailable(f"key {key_id} is an identity key of {owner}, not a data key")
+        return self._ring.key(key_id)
+
+    def _owner(self, key_id: str) -> str:
+        try:
+            return self._ring.owner(key_id)
         except KeyUnavailable:
             with self._lock:
                 self._ring = self._store.reload(self._ring.kek)
-            return self._ring.key(key_id)
+            return self._ring.owner(key_id)
 
     def for_writing(self, trust: str) -> tuple[str, bytes]:
         """The active DEK of ``trust``; made and saved on first use (blocking I/O then)."""
-        active = self._ring.active(trust)
+        return self._active(trust, lambda ring: ring.new_key(trust))
+
+    def _active(self, owner: str, make: Callable[[Keyring], WrappedKey]) -> tuple[str, bytes]:
+        active = self._ring.active(owner)
         if active is not None:
             return active
         with self._lock, locked(self._store.ring_lock):
             self._ring = self._store.reload(self._ring.kek)
-            active = self._ring.active(trust)
+            active = self._ring.active(owner)
             if active is None:
-                self._ring.new_key(trust)
+                make(self._ring)
                 self._store.save(self._ring)
-                active = self._ring.active(trust)
+                active = self._ring.active(owner)
             assert active is not None
             return active
 
@@ -228,3 +259,55 @@ class DataKeys:
         if active is None:
             raise KeyUnavailable("the keyring has no index key")
         return active[1]
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def signing_key(self) -> SigningKey:
+        """The gateway's active signing key; made and saved on first use (blocking then)."""
+        return SigningKey(*self._active(SIGNING_OWNER, _new_signing_key))
+
+    def signing_keys(self) -> list[tuple[SigningKey, bool]]:
+        """Every signing key with whether it is the active one, oldest first: retired keys
+        still verify what was signed before a rotation."""
+        return [(SigningKey(w.id, key), w.active) for w, key in self._ring.owned(SIGNING_OWNER)]
+
+    def exchange_key(self, trust: str) -> ExchangeKey:
+        """``trust``'s active exchange key; made and saved on first use (blocking then)."""
+        owner = exchange_owner(trust)
+        key_id, key = self._active(owner, lambda ring: _new_exchange_key(ring, trust))
+        return ExchangeKey(key_id, trust, key)
+
+    def exchange_key_by_id(self, key_id: str) -> ExchangeKey:
+        """An exchange key by id, retired ones too (bundles in flight to an old key must still
+        open); one this process has not seen yet is looked for on disk (blocking)."""
+        trust = exchange_trust(self._owner(key_id))
+        if trust is None:
+            raise KeyUnavailable(f"key {key_id} is not an exchange key")
+        return ExchangeKey(key_id, trust, self._ring.key(key_id))
+
+    def ensure_identity(self, trusts: Iterable[str]) -> list[str]:
+        """Make the signing key and the exchange key of each of ``trusts`` that are missing,
+        saved together; returns the ids made (none when all exist). Blocking."""
+        wanted = [(SIGNING_OWNER, _new_signing_key)] + [
+            (exchange_owner(t), _exchange_maker(t)) for t in sorted(set(trusts))
+        ]
+        if all(self._ring.active(owner) is not None for owner, _ in wanted):
+            return []
+        with self._lock, locked(self._store.ring_lock):
+            self._ring = self._store.reload(self._ring.kek)
+            made = [make(self._ring).id for owner, make in wanted if not self._ring.active(owner)]
+            if made:
+                self._store.save(self._ring)
+            return made
+
+
+def _new_signing_key(ring: Keyring) -> WrappedKey:
+    return ring.new_key(SIGNING_OWNER, SIGNING_PREFIX, new_signing_private())
+
+
+def _new_exchange_key(ring: Keyring, trust: str) -> WrappedKey:
+    return ring.new_key(exchange_owner(trust), EXCHANGE_PREFIX, new_exchange_private())
+
+
+def _exchange_maker(trust: str) -> Callable[[Keyring], WrappedKey]:
+    return lambda ring: _new_exchange_key(ring, trust)

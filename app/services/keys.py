@@ -9,14 +9,23 @@ touches no data.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.crypto.errors import IntegrityError, KeyUnavailable
+from app.crypto.identity import (
+    EXCHANGE_PREFIX,
+    SIGNING_OWNER,
+    SIGNING_PREFIX,
+    exchange_owner,
+    exchange_trust,
+    new_exchange_private,
+    new_signing_private,
+)
 from app.crypto.keys import KeyEncryptionKey, decode_kek
-from app.crypto.keystore import INDEX_KEY_OWNER, DataKeys, KeyStore
+from app.crypto.keystore import DataKeys, KeyStore
 from app.crypto.segments import MAX_HEADER_SIZE, Header
 from app.filelock import FileLock
 
@@ -115,10 +124,43 @@ def rotate_kek(data_dir: Path, kek: str | None, new_kek: str | None) -> KeyEncry
 
 def rotate_trust_key(data_dir: Path, kek: str | None, trust: str) -> str:
     """Start a new DEK for ``trust``'s new writes; returns its id. Old objects keep theirs."""
-    if trust == INDEX_KEY_OWNER:
-        raise KeyUnavailable("the index key is not a trust's key")
+    if trust.startswith("@"):
+        # The index key and the identity keys: no trust name starts with "@".
+        raise KeyUnavailable(f"{trust} is not a trust but a reserved owner of keys")
     with key_lock(data_dir, "rotate keys"):
         keys = open_data_keys(data_dir, kek)
         wrapped = keys.ring.new_key(trust)
         key_store(data_dir).save(keys.ring)
         return wrapped.id
+
+
+@dataclass(frozen=True)
+class IdentityRotation:
+    signing_key: str
+    exchange_keys: dict[str, str]  # key id by trust
+
+
+def rotate_identity(data_dir: Path, kek: str | None, trusts: Iterable[str]) -> IdentityRotation:
+    """A new signing key, and a new exchange key for each of ``trusts`` and every trust that
+    has one, saved together. The old keys stay, retired: they verify what was signed before
+    and open bundles still in flight to them. Offline, like the other rotations."""
+    with key_lock(data_dir, "rotate keys"):
+        keys = open_data_keys(data_dir, kek)
+        ring = keys.ring
+        owners = {w.trust for w in ring.wrapped_keys}
+        names = set(trusts) | {t for t in map(exchange_trust, owners) if t is not None}
+        signing = ring.new_key(SIGNING_OWNER, SIGNING_PREFIX, new_signing_private()).id
+        exchange = {
+            t: ring.new_key(exchange_owner(t), EXCHANGE_PREFIX, new_exchange_private()).id
+            for t in sorted(names)
+        }
+        key_store(data_dir).save(ring)
+        return IdentityRotation(signing, exchange)
+
+
+def make_trust_keys(data_dir: Path, kek: str | None, trust: str) -> str:
+    """The exchange key of a new trust, made now so that the identity document lists it;
+    returns its id. Runs beside a serving gateway (the keys' lock shared with it), never
+    beside a rotation. Blocking."""
+    with key_lock(data_dir, f"make the exchange key of trust {trust}", shared=True):
+        return open_data_keys(data_dir, kek).exchange_key(trust).id

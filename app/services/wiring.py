@@ -120,6 +120,9 @@ async def _build(
         store, upload_state, UploadLimits(settings.max_upload_bytes, settings.upload_expiry)
     )
     security = await _security(settings, keys, running)
+    # The identity partners import: made at the first start, and for a trust added since.
+    trusts = [name for name, _ in await security.store.trusts()]
+    await asyncio.to_thread(keys.ensure_identity, trusts)
     stow = StowService(
         store, index, StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold)
     )

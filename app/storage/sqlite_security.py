@@ -1,10 +1,12 @@
-"""Trusts, tokens, partners and the audit trail, in their own SQLite file.
+"""Trusts, tokens, partners, agreements and the audit trail, in their own SQLite file.
 
 ``<data-dir>/security.sqlite3`` is separate from the instance index so that audit appends
 never queue behind STOW-RS index writes, and so that the command line (``iex token``,
 ``iex audit``) can work on it while the server runs (WAL lets both open it).
 
-Token secrets are never stored: only the SHA-256 of the secret. The audit table keeps each
+Token secrets are never stored: only the SHA-256 of the secret. The exception is the token
+a partner issued for this gateway's outbound calls, which must be sent and so is kept as it
+is; the database is encrypted (SQLCipher) like the rest. The audit table keeps each
 record as the exact canonical text that was hashed, so verification re-hashes stored bytes;
 the hash chain itself is computed by a ``Seal`` the audit service passes in.
 
@@ -21,10 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from app.crypto.identity import decode_identity, encode_identity
 from app.crypto.sqlcipher import IntegrityErrors
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, Conflict, NotFound
 from app.storage.security import (
     GENESIS,
+    Agreement,
     AuditAppend,
     AuditFilter,
     AuditRow,
@@ -93,6 +97,40 @@ def _durable(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous=FULL")
 
 
+#: Version 3: a partner may be known by its identity document rather than a certificate
+#: (the pin becomes optional), and may have issued us a token for outbound calls. SQLite
+#: cannot drop a NOT NULL in place, so the table is rebuilt; nothing refers to it yet.
+_PARTNER_IDENTITIES = """
+CREATE TABLE partners_v3 (
+    name TEXT PRIMARY KEY,
+    trust TEXT NOT NULL REFERENCES trusts (name),
+    roles TEXT NOT NULL,
+    cert_sha256 TEXT UNIQUE,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    identity TEXT,
+    outbound_token TEXT
+);
+INSERT INTO partners_v3 (name, trust, roles, cert_sha256, created_at, updated_at)
+    SELECT name, trust, roles, cert_sha256, created_at, created_at FROM partners;
+DROP TABLE partners;
+ALTER TABLE partners_v3 RENAME TO partners;
+"""
+
+#: Version 4: what may cross between a local trust and a partner's trust.
+_AGREEMENTS = """
+CREATE TABLE agreements (
+    trust TEXT NOT NULL REFERENCES trusts (name),
+    partner TEXT NOT NULL REFERENCES partners (name),
+    partner_trust TEXT NOT NULL,
+    allow TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (trust, partner, partner_trust)
+);
+CREATE INDEX agreements_partner ON agreements (partner);
+"""
+
 #: The schema versions in order (``PRAGMA user_version``); a change is a new step at the end.
 #: Version 1 is ``_SCHEMA``, also reached, unchanged, by a database made before versions.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -107,6 +145,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """
     ),
+    script(_PARTNER_IDENTITIES),
+    script(_AGREEMENTS),
 )
 
 
@@ -119,6 +159,24 @@ def _token(row: Sequence[Any]) -> StoredToken:
 
 
 _TOKEN_COLUMNS = "id, trust, roles, label, secret_sha256, created_at, expires_at, revoked_at"
+_PARTNER_COLUMNS = (
+    "name, trust, roles, cert_sha256, created_at, identity, outbound_token, updated_at"
+)
+_AGREEMENT_COLUMNS = "trust, partner, partner_trust, allow, created_at, updated_at"
+
+
+def _partner(row: Sequence[Any]) -> Partner:
+    identity = None if row[5] is None else decode_identity(row[5])
+    return Partner(row[0], row[1], _roles(row[2]), row[3], row[4], identity, row[6], row[7])
+
+
+def _agreement(row: Sequence[Any]) -> Agreement:
+    return Agreement(row[0], row[1], row[2], _roles(row[3]), row[4], row[5])
+
+
+def _require_trust(conn: sqlite3.Connection, trust: str) -> None:
+    if not conn.execute("SELECT 1 FROM trusts WHERE name = ?", (trust,)).fetchone():
+        raise NotFound(f"no trust {trust!r}; create it with `iex trust add`")
 
 
 class SQLiteSecurityStore:
@@ -217,53 +275,154 @@ class SQLiteSecurityStore:
 
     # -- partners -------------------------------------------------------------------------
 
-    async def add_partner(self, partner: Partner) -> None:
-        def add(conn: sqlite3.Connection) -> None:
-            if not conn.execute("SELECT 1 FROM trusts WHERE name = ?", (partner.trust,)).fetchone():
-                raise NotFound(f"no trust {partner.trust!r}; create it with `iex trust add`")
-            try:
-                conn.execute(
-                    "INSERT INTO partners (name, trust, roles, cert_sha256, created_at)"
-                    " VALUES (?,?,?,?,?)",
-                    (
-                        partner.name,
-                        partner.trust,
-                        ",".join(partner.roles),
-                        partner.cert_sha256,
-                        partner.created_at,
-                    ),
-                )
-            except IntegrityErrors:
-                raise BadRequest(
-                    f"partner {partner.name!r} or its certificate is already configured"
-                ) from None
+    async def put_partner(self, partner: Partner) -> bool:
+        def put(conn: sqlite3.Connection) -> bool:
+            _require_trust(conn, partner.trust)
+            if partner.cert_sha256 is not None:
+                holder = conn.execute(
+                    "SELECT name FROM partners WHERE cert_sha256 = ? AND name != ?",
+                    (partner.cert_sha256, partner.name),
+                ).fetchone()
+                if holder is not None:
+                    raise BadRequest(
+                        f"the certificate {partner.cert_sha256} is already pinned for partner "
+                        f"{holder[0]!r}"
+                    )
+            known = conn.execute(
+                "SELECT 1 FROM partners WHERE name = ?", (partner.name,)
+            ).fetchone()
+            conn.execute(
+                f"INSERT INTO partners ({_PARTNER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (name) DO UPDATE SET trust = excluded.trust,"
+                " roles = excluded.roles, cert_sha256 = excluded.cert_sha256,"
+                " identity = excluded.identity, outbound_token = excluded.outbound_token,"
+                " updated_at = excluded.updated_at",
+                (
+                    partner.name,
+                    partner.trust,
+                    ",".join(partner.roles),
+                    partner.cert_sha256,
+                    partner.created_at,
+                    None if partner.identity is None else encode_identity(partner.identity),
+                    partner.outbound_token,
+                    partner.updated_at or partner.created_at,
+                ),
+            )
+            return known is None
 
-        await self._db.write(add)
+        return await self._db.write(lambda conn: transaction(conn, put))
+
+    async def partner(self, name: str) -> Partner | None:
+        row = await self._db.read(
+            lambda c: c.execute(
+                f"SELECT {_PARTNER_COLUMNS} FROM partners WHERE name = ?", (name,)
+            ).fetchone()
+        )
+        return None if row is None else _partner(row)
 
     async def remove_partner(self, name: str) -> None:
         def remove(conn: sqlite3.Connection) -> None:
+            agreed = conn.execute(
+                "SELECT trust, partner_trust FROM agreements WHERE partner = ?"
+                " ORDER BY trust, partner_trust",
+                (name,),
+            ).fetchall()
+            if agreed:
+                listed = ", ".join(f"{trust} with {remote}" for trust, remote in agreed)
+                raise Conflict(
+                    f"partner {name!r} still has agreements ({listed}): remove them first "
+                    "with `iex agreement remove`"
+                )
             if conn.execute("DELETE FROM partners WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no partner {name!r}")
 
-        await self._db.write(remove)
+        await self._db.write(lambda conn: transaction(conn, remove))
 
     async def partners(self) -> list[Partner]:
         rows = await self._db.read(
-            lambda c: c.execute(
-                "SELECT name, trust, roles, cert_sha256, created_at FROM partners ORDER BY name"
-            ).fetchall()
+            lambda c: c.execute(f"SELECT {_PARTNER_COLUMNS} FROM partners ORDER BY name").fetchall()
         )
-        return [Partner(r[0], r[1], _roles(r[2]), r[3], r[4]) for r in rows]
+        return [_partner(r) for r in rows]
 
     async def partner_by_certificate(self, cert_sha256: str) -> Partner | None:
         row = await self._db.read(
             lambda c: c.execute(
-                "SELECT name, trust, roles, cert_sha256, created_at FROM partners"
-                " WHERE cert_sha256 = ?",
-                (cert_sha256,),
+                f"SELECT {_PARTNER_COLUMNS} FROM partners WHERE cert_sha256 = ?", (cert_sha256,)
             ).fetchone()
         )
-        return None if row is None else Partner(row[0], row[1], _roles(row[2]), row[3], row[4])
+        return None if row is None else _partner(row)
+
+    # -- agreements -----------------------------------------------------------------------
+
+    async def put_agreement(self, agreement: Agreement) -> bool:
+        def put(conn: sqlite3.Connection) -> bool:
+            _require_trust(conn, agreement.trust)
+            if not conn.execute(
+                "SELECT 1 FROM partners WHERE name = ?", (agreement.partner,)
+            ).fetchone():
+                raise NotFound(
+                    f"no partner {agreement.partner!r}; register it with `iex partner add`"
+                )
+            key = (agreement.trust, agreement.partner, agreement.partner_trust)
+            known = conn.execute(
+                "SELECT 1 FROM agreements WHERE trust = ? AND partner = ? AND partner_trust = ?",
+                key,
+            ).fetchone()
+            conn.execute(
+                f"INSERT INTO agreements ({_AGREEMENT_COLUMNS}) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT (trust, partner, partner_trust) DO UPDATE SET"
+                " allow = excluded.allow, updated_at = excluded.updated_at",
+                (*key, ",".join(agreement.allow), agreement.created_at, agreement.updated_at),
+            )
+            return known is None
+
+        return await self._db.write(lambda conn: transaction(conn, put))
+
+    async def agreement(self, trust: str, partner: str, partner_trust: str) -> Agreement | None:
+        row = await self._db.read(
+            lambda c: c.execute(
+                f"SELECT {_AGREEMENT_COLUMNS} FROM agreements"
+                " WHERE trust = ? AND partner = ? AND partner_trust = ?",
+                (trust, partner, partner_trust),
+            ).fetchone()
+        )
+        return None if row is None else _agreement(row)
+
+    async def agreements(
+        self, trust: str | None = None, partner: str | None = None
+    ) -> list[Agreement]:
+        clauses, params = [], []
+        for column, value in (("trust", trust), ("partner", partner)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        sql = f"SELECT {_AGREEMENT_COLUMNS} FROM agreements{where}"
+        rows = await self._db.read(
+            lambda c: c.execute(sql + " ORDER BY trust, partner, partner_trust", params).fetchall()
+        )
+        return [_agreement(r) for r in rows]
+
+    async def remove_agreement(self, trust: str, partner: str, partner_trust: str) -> Agreement:
+        def remove(conn: sqlite3.Connection) -> Agreement:
+            key = (trust, partner, partner_trust)
+            row = conn.execute(
+                f"SELECT {_AGREEMENT_COLUMNS} FROM agreements"
+                " WHERE trust = ? AND partner = ? AND partner_trust = ?",
+                key,
+            ).fetchone()
+            if row is None:
+                raise NotFound(
+                    f"no agreement of trust {trust!r} with trust {partner_trust!r} at partner "
+                    f"{partner!r}"
+                )
+            conn.execute(
+                "DELETE FROM agreements WHERE trust = ? AND partner = ? AND partner_trust = ?",
+                key,
+            )
+            return _agreement(row)
+
+        return await self._db.write(lambda conn: transaction(conn, remove))
 
     # -- audit ----------------------------------------------------------------------------
 
