@@ -50,6 +50,28 @@ class TransferService:
         self.runner = runner
         self._clock = clock
 
+    def _new_job(
+        self,
+        direction: Direction,
+        trust: str,
+        partner: str,
+        partner_trust: str,
+        study: str,
+        priority: str | Priority,
+        **initial: Any,
+    ) -> TransferJob:
+        """A new job in either direction, its names and UID checked as a caller gave them."""
+        return jobs.new_job(
+            direction=direction,
+            trust=trust,
+            partner=check_name(partner, "partner"),
+            partner_trust=check_name(partner_trust, "partner trust"),
+            study=validate_uid(study, "the study's Study Instance UID"),
+            priority=priority if isinstance(priority, Priority) else jobs.parse_priority(priority),
+            now=self._clock(),
+            **initial,
+        )
+
     # -- outbound -------------------------------------------------------------------------
 
     async def create(
@@ -62,15 +84,7 @@ class TransferService:
         priority: str | Priority = Priority.ROUTINE,
     ) -> TransferJob:
         """Queue ``study`` of ``trust`` for ``partner_trust`` at ``partner``."""
-        job = jobs.new_job(
-            direction=Direction.OUT,
-            trust=trust,
-            partner=check_name(partner, "partner"),
-            partner_trust=check_name(partner_trust, "partner trust"),
-            study=validate_uid(study, "the study's Study Instance UID"),
-            priority=priority if isinstance(priority, Priority) else jobs.parse_priority(priority),
-            now=self._clock(),
-        )
+        job = self._new_job(Direction.OUT, trust, partner, partner_trust, study, priority)
         await self._store.insert(job)
         self._wake()
         return job
@@ -143,14 +157,13 @@ class TransferService:
         bytes_total: int | None = None,
     ) -> TransferJob:
         """A transfer from ``partner_trust`` at ``partner`` to ``trust`` begins to arrive."""
-        job = jobs.new_job(
-            direction=Direction.IN,
-            trust=trust,
-            partner=check_name(partner, "partner"),
-            partner_trust=check_name(partner_trust, "partner trust"),
-            study=validate_uid(study, "the study's Study Instance UID"),
-            priority=priority if isinstance(priority, Priority) else jobs.parse_priority(priority),
-            now=self._clock(),
+        job = self._new_job(
+            Direction.IN,
+            trust,
+            partner,
+            partner_trust,
+            study,
+            priority,
             state=JobState.SENDING,
             bytes_total=bytes_total,
         )
