@@ -43,7 +43,7 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 # After changing the dependencies in pyproject.toml: resolve them again into uv.lock.
 lock: $(UV)
