@@ -274,7 +274,7 @@ class DataKeys:
     def exchange_key(self, trust: str) -> ExchangeKey:
         """``trust``'s active exchange key; made and saved on first use (blocking then)."""
         owner = exchange_owner(trust)
-        key_id, key = self._active(owner, lambda ring: _new_exchange_key(ring, trust))
+        key_id, key = self._active(owner, _exchange_maker(trust))
         return ExchangeKey(key_id, trust, key)
 
     def exchange_key_by_id(self, key_id: str) -> ExchangeKey:
