@@ -60,8 +60,9 @@ from app.transfer.manifest import (
     Manifest,
     compression_for,
 )
+from app.transfer.uploads import BUNDLE
 
-MEDIA_TYPE = "application/vnd.iex.bundle"
+MEDIA_TYPE = BUNDLE
 MAGIC = b"\x89IEXBDL\n"
 #: What the sender's signature covers, before the manifest bytes.
 MANIFEST_CONTEXT = b"iex-bundle-manifest/1\n"

@@ -18,6 +18,7 @@ from enum import Enum
 from app.dicom.media import DICOM, MULTIPART_RELATED, is_dicom_multipart, parse_media_type
 from app.dicom.multipart import validate_boundary
 from app.errors import BadRequest, NotFound
+from app.names import is_valid_name
 
 TUS_VERSION = "1.0.0"
 #: Extensions served (§ Protocol Extensions); ``creation-defer-length`` and
@@ -39,6 +40,9 @@ OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 ZIP = "application/zip"
 TAR = "application/x-tar"
 DICOM_MULTIPART = f'{MULTIPART_RELATED}; type="{DICOM}"'
+#: An exchange bundle from a partner gateway (``docs/EXCHANGE.md``): its head and data sent
+#: as partial uploads, joined by a final upload of this type.
+BUNDLE = "application/vnd.iex.bundle"
 
 _ID = re.compile(r"[0-9a-f]{32}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -96,6 +100,8 @@ class UploadMetadata:
     trust: str | None = None
     #: The multipart boundary, when ``content-type`` is multipart and names one.
     boundary: str | None = None
+    #: For a bundle: the sender's transfer id, which its receipt is asked for by.
+    transfer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,13 @@ def parse_metadata(text: str | None) -> UploadMetadata:
     if sha256 is not None and not _SHA256_HEX.fullmatch(sha256.lower()):
         raise BadRequest("Upload-Metadata sha256 must be 64 hexadecimal digits")
     kind, boundary = _payload_type(content_type) if content_type else (None, None)
+    # ``transfer`` means something only for a bundle; other uploads may carry it unread.
+    transfer = (values.get("transfer") or None) if kind == BUNDLE else None
+    if kind == BUNDLE and (transfer is None or not is_valid_name(transfer)):
+        raise BadRequest(
+            f"a {BUNDLE} upload needs Upload-Metadata transfer: its transfer id, 1-64 "
+            "letters, digits, '.', '_' or '-'"
+        )
     return UploadMetadata(
         raw=text.strip(),
         content_type=kind,
@@ -170,6 +183,7 @@ def parse_metadata(text: str | None) -> UploadMetadata:
         filename=values.get("filename") or None,
         sha256=sha256.lower() if sha256 else None,
         trust=values.get("trust") or None,
+        transfer=transfer,
     )
 
 
@@ -184,7 +198,7 @@ def _payload_type(text: str) -> tuple[str, str | None]:
     """The payload kind and, for multipart, the boundary if the uploader gave one (without
     it, ingest takes the delimiter from the payload's first line)."""
     media = parse_media_type(text)
-    if media is not None and media.mime in (ZIP, TAR) and not media.params:
+    if media is not None and media.mime in (ZIP, TAR, BUNDLE) and not media.params:
         return media.mime, None
     if media is not None and is_dicom_multipart(media):
         boundary = media.params.get("boundary")
@@ -196,7 +210,7 @@ def _payload_type(text: str) -> tuple[str, str | None]:
         return DICOM_MULTIPART, boundary
     raise BadRequest(
         f"Upload-Metadata content-type {text[:100]!r} is not supported; "
-        f"use {ZIP}, {TAR} or {DICOM_MULTIPART}"
+        f"use {ZIP}, {TAR} or {DICOM_MULTIPART} (or {BUNDLE} between gateways)"
     )
 
 
