@@ -18,6 +18,10 @@ loop); they and other non-regular files are left out and listed in ``skipped``.
 
 A file that changed since the source was scanned (size or mtime) raises ``SourceChanged``
 instead of sending bytes that no longer match the length, fingerprint or sha256 announced.
+
+A payload sent as several partial uploads (§Concatenation), as a bundle to a partner is,
+sends each part as a source of its own: a ``FileRangeSource`` over a byte range of a file,
+or a ``BytesSource`` for a small part held in memory.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from app.transfer.uploads import TAR, ZIP
 
 #: Bytes read from a file at a time; bounds memory whatever the chunk size.
 READ_SIZE = 1024 * 1024
+#: What a part of a payload holds, to the server: bytes, whatever they mean together.
+OCTET_STREAM = "application/octet-stream"
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _ARCHIVES = {".zip": ZIP, ".tar": TAR}
@@ -183,6 +189,58 @@ class TarSource:
         for m in self._members:
             digest.update(_identity(m.name, m.size, m.mtime_ns))
         return digest.hexdigest()
+
+
+class FileRangeSource:
+    """Bytes ``start`` to ``start + length`` of a file: one part of a payload sent as several
+    partial uploads (a bundle's data section in consecutive ranges, say), resumable from any
+    offset within the range like every source."""
+
+    content_type = OCTET_STREAM
+
+    def __init__(self, path: Path, start: int, length: int, filename: str | None = None) -> None:
+        info = _stat_regular(path)
+        if start < 0 or length < 0 or start + length > info.st_size:
+            raise SourceError(
+                f"{path}: bytes {start} to {start + length} are outside its {info.st_size} bytes"
+            )
+        self.path = path
+        self.start = start
+        self.length = length
+        self.filename = filename or f"{path.name}@{start}"
+        self._size = info.st_size
+        self._mtime_ns = info.st_mtime_ns
+
+    def chunks(self, offset: int, size: int) -> Iterator[bytes]:
+        _check_range(offset, size, self.length)
+        begin, end = self.start + offset, self.start + self.length
+        return _pieces(_file_bytes(self.path, self._size, self._mtime_ns, begin, end), size)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(b"iex-file-range-source\0")
+        digest.update(_identity(_absolute(self.path), self._size, self._mtime_ns))
+        digest.update(f"{self.start}\0{self.length}\n".encode())
+        return digest.hexdigest()
+
+
+class BytesSource:
+    """A payload small enough to hold in memory (a bundle's head: its manifest and
+    signature, at most some 16 MiB)."""
+
+    content_type = OCTET_STREAM
+
+    def __init__(self, data: bytes, filename: str = "payload") -> None:
+        self._data = data
+        self.filename = filename
+        self.length = len(data)
+
+    def chunks(self, offset: int, size: int) -> Iterator[bytes]:
+        _check_range(offset, size, self.length)
+        view = memoryview(self._data)
+        return (bytes(view[at : at + size]) for at in range(offset, self.length, size))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(b"iex-bytes-source\0" + self._data).hexdigest()
 
 
 def open_source(path: Path) -> FileSource | TarSource:

@@ -13,6 +13,10 @@ over a poor link is not abandoned as long as it progresses. Other 4xx are final.
 
 Only one chunk is in memory at a time: its checksum has to be sent before its bytes.
 
+A payload may also travel as several partial uploads sent at once, over as many connections,
+and be joined by a final upload (§Concatenation): ``upload(source, partial=True)`` for each
+part (each resumable on its own), then ``concatenate(part URLs, metadata)``.
+
 The token goes into the ``Authorization`` header and nowhere else: not into messages, logs,
 reprs or exceptions. Redirects are not followed, so it is never sent to another host.
 
@@ -36,7 +40,7 @@ import hashlib
 import logging
 import random
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -49,6 +53,7 @@ from app.transfer.uploads import OFFSET_OCTET_STREAM, TUS_VERSION
 log = logging.getLogger(__name__)
 
 UPLOADS_PATH = "/transfers/uploads"
+CONCATENATION = "concatenation"
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 #: Answers after which a retry can succeed: locked, rate limited, or the server's fault.
@@ -186,6 +191,18 @@ def _problem(item: Any) -> MemberProblem:
     return MemberProblem(str(item["member"]), str(item["reason"]), sop_uid and str(sop_uid))
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """An answer to ``TusClient.get``: its status and body as read, the server's detail when
+    it is an error, and ``Retry-After`` in seconds when given."""
+
+    status: int
+    body: bytes = field(repr=False)
+    content_type: str
+    detail: str
+    retry_after: float | None
+
+
 def encode_metadata(values: Mapping[str, str]) -> str:
     """§Creation ``Upload-Metadata``: ``key base64(value)`` pairs, comma separated."""
     pairs = []
@@ -279,8 +296,11 @@ class TusClient:
             )
         return self._capabilities
 
-    async def create(self, length: int, metadata: Mapping[str, str]) -> str:
-        """§Creation: a new upload of ``length`` bytes; its URL."""
+    async def create(
+        self, length: int, metadata: Mapping[str, str], *, partial: bool = False
+    ) -> str:
+        """§Creation: a new upload of ``length`` bytes; its URL. A ``partial`` one
+        (§Concatenation) is only ever a piece of a final upload (``concatenate``)."""
         capabilities = await self.capabilities()
         if capabilities.max_size is not None and length > capabilities.max_size:
             raise UploadRejected(
@@ -289,13 +309,35 @@ class TusClient:
                 "Tus-Max-Size exceeded",
             )
         headers = {"Upload-Length": str(length)}
+        if partial:
+            self._require(capabilities, CONCATENATION)
+            headers["Upload-Concat"] = "partial"
         if metadata:
             headers["Upload-Metadata"] = encode_metadata(metadata)
+        return await self._created(headers)
+
+    async def concatenate(self, parts: Sequence[str], metadata: Mapping[str, str]) -> str:
+        """§Concatenation: the final upload joining the complete partial uploads ``parts``
+        in that order, described by ``metadata``; its URL. It has every byte at once (no
+        ``Upload-Length``: the server adds up the parts)."""
+        if not parts:
+            raise ValueError("a final upload joins at least one partial upload")
+        self._require(await self.capabilities(), CONCATENATION)
+        headers = {"Upload-Concat": "final;" + " ".join(parts)}
+        if metadata:
+            headers["Upload-Metadata"] = encode_metadata(metadata)
+        return await self._created(headers)
+
+    async def _created(self, headers: Mapping[str, str]) -> str:
         response = await self._retrying("POST", self.endpoint, headers=headers)
         location: str | None = response.headers.get("location")
         if response.status_code != 201 or not location:
             raise ProtocolError(f"creating an upload answered {response.status_code} without a URL")
         return urljoin(str(response.url), location)
+
+    def _require(self, capabilities: Capabilities, extension: str) -> None:
+        if extension not in capabilities.extensions:
+            raise ProtocolError(f"{self.endpoint} does not offer the tus {extension} extension")
 
     async def offset(self, url: str) -> int:
         """§Core Protocol HEAD: how many bytes of the upload the server has stored."""
@@ -317,18 +359,25 @@ class TusClient:
         *,
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
+        partial: bool = False,
     ) -> str:
         """Send ``source``: to a new upload (with ``filename``, ``content-type`` and any
         ``metadata`` given), or the rest of it to the upload at ``url``. Returns the URL once
         the server has every byte. ``on_progress(offset, length)`` is called with the
-        server's offset when the upload starts and after each chunk."""
+        server's offset when the upload starts and after each chunk.
+
+        A new ``partial`` upload (§Concatenation) carries only the ``metadata`` given: what
+        the payload is, the final upload says."""
         capabilities = await self.capabilities()
         algorithm = next(
             (a for a in ("sha256", "sha1") if a in capabilities.checksum_algorithms), None
         )
         if url is None:
-            values = {"filename": source.filename, "content-type": source.content_type}
-            url = await self.create(source.length, {**values, **(metadata or {})})
+            if partial:
+                url = await self.create(source.length, metadata or {}, partial=True)
+            else:
+                values = {"filename": source.filename, "content-type": source.content_type}
+                url = await self.create(source.length, {**values, **(metadata or {})})
             offset = 0
         else:
             status = await self.status(url)
@@ -368,6 +417,41 @@ class TusClient:
     async def terminate(self, url: str) -> None:
         """§Termination: the server forgets the upload and deletes its bytes."""
         await self._retrying("DELETE", url)
+
+    async def get(self, path: str, *, max_bytes: int = 1024 * 1024) -> Fetched:
+        """``GET`` a resource of the same gateway beside its uploads (``path`` from its root:
+        a partner's receipts, say), as the same caller. Transport errors, 5xx, 408, 423 and
+        429 are retried like every request; any other answer is returned whatever its
+        status. A body over ``max_bytes`` is a ``ProtocolError`` (never read whole)."""
+        url = self.base_url + path
+        failures = 0
+        while True:
+            try:
+                fetched = await self._bounded_get(url, max_bytes)
+            except httpx.TransportError as exc:
+                retry = _Retry(_transport_reason(exc))
+            else:
+                if fetched.status < 500 and fetched.status not in _TRANSIENT_STATUS:
+                    return fetched
+                retry = _Retry(f"{fetched.status}: {fetched.detail}", after=fetched.retry_after)
+            failures = self._failed(failures, f"GET {url}", retry)
+            await asyncio.sleep(self.retry.delay(failures, retry.after))
+
+    async def _bounded_get(self, url: str, max_bytes: int) -> Fetched:
+        async with self._http.stream("GET", url) as response:
+            body = bytearray()
+            async for data in response.aiter_bytes():
+                body += data
+                if len(body) > max_bytes:
+                    raise ProtocolError(f"GET {url} answered more than {max_bytes} bytes")
+            fetched = httpx.Response(response.status_code, content=bytes(body))
+            return Fetched(
+                response.status_code,
+                bytes(body),
+                response.headers.get("content-type", ""),
+                _detail(fetched) if not response.is_success else "",
+                _retry_after(response),
+            )
 
     # -- plumbing -----------------------------------------------------------------------------
 
