@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     #: Seconds a process's claim on a running transfer lasts without renewal: how soon
     #: another process takes over the transfers of one that died.
     transfer_lease: float = Field(default=30.0, gt=0)
+    #: Parts of a bundle's data sent to a partner at once, over as many connections (each
+    #: part at least 8 MiB, so a small bundle uses fewer).
+    exchange_streams: int = Field(default=4, ge=1, le=16)
     #: Zip and tar uploads: the most entries, the largest total once unpacked, and the
     #: highest compression ratio accepted (beyond: refused as a zip bomb).
     archive_max_members: int = Field(default=100_000, gt=0)

@@ -147,7 +147,8 @@ def _outcome(status: int) -> str:
     return "4" if status < 500 else "8"
 
 
-def _when(at: float) -> str:
+def event_time(at: float) -> str:
+    """``EventDateTime``: UTC to the millisecond."""
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -155,7 +156,7 @@ def _redact(query: Sequence[tuple[str, str]]) -> str:
     return "&".join(f"{k}={v if k in _QUERY_KEPT else '*'}" for k, v in query)
 
 
-def _study_objects(objects: Sequence[InstanceRef]) -> list[dict[str, Any]]:
+def study_objects(objects: Sequence[InstanceRef]) -> list[dict[str, Any]]:
     """One participant object per study (PS3.15 A.5.2.5), series and instances within."""
     by_study: dict[str, list[InstanceRef]] = {}
     for ref in objects:
@@ -207,7 +208,7 @@ def build_record(facts: AccessFacts, source: str) -> AuditAppend:
     identification: dict[str, Any] = {
         "EventID": event,
         "EventActionCode": action,
-        "EventDateTime": _when(facts.at),
+        "EventDateTime": event_time(facts.at),
         "EventOutcomeIndicator": _outcome(facts.status),
     }
     if types:
@@ -229,7 +230,7 @@ def build_record(facts: AccessFacts, source: str) -> AuditAppend:
         "UserIsRequestor": False,
         "RoleIDCode": [SOURCE_ROLE if action == "R" else DESTINATION_ROLE],
     }
-    objects = _study_objects(facts.objects)
+    objects = study_objects(facts.objects)
     if facts.kind == "query" and facts.query is not None:
         objects.append(
             {
@@ -580,7 +581,7 @@ def security_change(
         "EventIdentification": {
             "EventID": SECURITY_ALERT,
             "EventActionCode": "E",
-            "EventDateTime": _when(now),
+            "EventDateTime": event_time(now),
             "EventOutcomeIndicator": "0",
             "EventTypeCode": [SECURITY_CONFIGURATION],
             "EventOutcomeDescription": what,

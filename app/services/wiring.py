@@ -20,9 +20,12 @@ from app.crypto.keystore import DataKeys
 from app.dicom.query import PagingLimits
 from app.filelock import FileLock
 from app.metrics import Metrics
+from app.services.exchange_directory import ExchangeDirectory
 from app.services.housekeeping import Housekeeping
 from app.services.ingest import IngestPolicy, UploadIngest
 from app.services.keys import INDEX_FILE, key_lock, open_data_keys
+from app.services.packaging import StudyPackager
+from app.services.push import PartnerDelivery, PushPolicy
 from app.services.qido import QidoService
 from app.services.security import (
     ADMIN_TOKEN_FILE,
@@ -42,8 +45,9 @@ from app.storage.filesystem import FileInstanceStore
 from app.storage.sqlite_index import SQLiteMetadataIndex
 from app.storage.sqlite_security import SQLiteSecurityStore
 from app.transfer.archives import ArchiveLimits, NonDicomPolicy
-from app.transfer.delivery import Delivery, ExchangeNotConfigured
+from app.transfer.delivery import Delivery
 from app.transfer.jobs import Backoff
+from app.transfer.outbox import Outbox
 from app.transfer.sqlite_jobs import TRANSFERS_FILE, SQLiteTransferJobs
 from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
 from app.transfer.tus import ResumableUploads, UploadLimits
@@ -76,8 +80,8 @@ async def build_services(
     """The services of one process serving ``settings.data_dir``, running until the context
     exits (background tasks stopped, databases and files closed, in reverse order).
 
-    ``delivery`` does the sending of outbound transfers; without one, every transfer fails
-    at once with "exchange not configured".
+    ``delivery`` does the sending of outbound transfers; by default, pushes to partner
+    gateways (``PartnerDelivery``). Tests may give another.
 
     While it runs the process holds the keys' lock shared, so key rotation waits for every
     serving process to stop. Processes get ready one at a time, under the startup lock:
@@ -91,9 +95,7 @@ async def build_services(
         running.callback(startup.release)
         kek = settings.kek.get_secret_value() if settings.kek else None
         keys = await asyncio.to_thread(open_data_keys, data_dir, kek)
-        services = await _build(
-            settings, keys, metrics or Metrics(), delivery or ExchangeNotConfigured(), running
-        )
+        services = await _build(settings, keys, metrics or Metrics(), delivery, running)
         startup.release()
         yield services
 
@@ -102,7 +104,7 @@ async def _build(
     settings: Settings,
     keys: DataKeys,
     metrics: Metrics,
-    delivery: Delivery,
+    delivery: Delivery | None,
     running: AsyncExitStack,
 ) -> Services:
     """The parts, each one's shutdown pushed on ``running`` as soon as it is started."""
@@ -156,7 +158,12 @@ async def _build(
         ingest=ingest,
         metrics=metrics,
         security=security,
-        transfers=await _transfers(settings, keys, delivery, running),
+        transfers=await _transfers(
+            settings,
+            keys,
+            delivery or _partner_delivery(settings, keys, store, index, security),
+            running,
+        ),
     )
 
 
@@ -193,7 +200,37 @@ async def _transfers(
     runner = TransferRunner(store, delivery, policy)
     runner.start()
     running.push_async_callback(runner.close)
+    sweeper = asyncio.create_task(
+        Outbox(settings.data_dir).sweep_every(store, settings.upload_sweep_interval),
+        name="outbox-sweep",
+    )
+    running.push_async_callback(_cancelled, sweeper)
     return TransferService(store, runner)
+
+
+def _partner_delivery(
+    settings: Settings,
+    keys: DataKeys,
+    store: InstanceStore,
+    index: MetadataIndex,
+    security: Security,
+) -> PartnerDelivery:
+    """Pushes to partners: studies packaged from this process's store and index, partners
+    and agreements read from the security store at every run."""
+    outbox = Outbox(settings.data_dir)
+    return PartnerDelivery(
+        ExchangeDirectory(security.store),
+        StudyPackager(store, index, keys, outbox, settings.name),
+        outbox,
+        security.audit,
+        settings.name,
+        PushPolicy(streams=settings.exchange_streams),
+    )
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _ingest_policy(settings: Settings) -> IngestPolicy:
