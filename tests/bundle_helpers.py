@@ -15,6 +15,7 @@ import pydicom
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from app.crypto.identity import PublicExchangeKey
 from app.transfer import bundle
 from app.transfer.bundle import BundleWriter, VerifiedBundle
 from app.transfer.manifest import Compression, Endpoint, InstanceMeta
@@ -26,6 +27,10 @@ OTHER_RECIPIENT_KEY = X25519PrivateKey.from_private_bytes(bytes(range(96, 128)))
 EPHEMERAL = X25519PrivateKey.from_private_bytes(bytes(range(128, 160)))
 SENDER = Endpoint("north-gw", "st-mary", "sig-1")
 RECIPIENT = Endpoint("south-gw", "royal-east", "x25519-1")
+#: ``RECIPIENT_KEY`` as a partner's identity publishes it, for trust ``rad-b``.
+RECIPIENT_EXCHANGE = PublicExchangeKey(
+    "rad-b", "xch-00000000000000b1", RECIPIENT_KEY.public_key().public_bytes_raw()
+)
 CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -20,7 +20,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydicom.uid import generate_uid
 
-from app.crypto.identity import PublicExchangeKey
 from app.errors import NotFound
 from app.services.keys import read_data_keys
 from app.services.packaging import StagedBundle, StudyPackager
@@ -31,6 +30,7 @@ from app.transfer.jobs import Direction, JobState, Priority, TransferJob, moved,
 from app.transfer.manifest import Compression, Endpoint
 from app.transfer.outbox import Outbox
 from app.transfer.sqlite_jobs import SQLiteTransferJobs
+from tests.bundle_helpers import RECIPIENT_EXCHANGE as RECIPIENT
 from tests.bundle_helpers import RECIPIENT_KEY, TEST_FILES
 from tests.helpers import make_instance
 from tests.transfer_jobs_helpers import KEY
@@ -43,9 +43,6 @@ FILES = [
     "MR_small_RLE.dcm",  # encapsulated
     "rtplan.dcm",  # no pixel data
 ]
-RECIPIENT = PublicExchangeKey(
-    "rad-b", "xch-00000000000000b1", RECIPIENT_KEY.public_key().public_bytes_raw()
-)
 
 
 def _in_study(path: Path, study: str) -> bytes:
