@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.transfer.sources import BytesSource, FileRangeSource, SourceChanged, SourceError
-from app.transfer.tus_client import TusClient, UploadGone, UploadRejected
+from app.transfer.tus_client import ProtocolError, TusClient, UploadGone, UploadRejected
 from app.transfer.uploads import BUNDLE, ZIP
 from tests.helpers import IexServer
 from tests.transfer_helpers import (
@@ -203,3 +203,18 @@ def test_the_whole_of_a_plain_upload_still_goes_as_one(server: IexServer, tmp_pa
     assert report["state"] == "complete", report
     study = next(iter(report["studies"]))["study_uid"]
     assert stored_digests(server, study) == source_digests(members)
+
+
+def test_a_get_beside_the_uploads_returns_any_answer_and_bounds_the_body(
+    server: IexServer,
+) -> None:
+    async def scenario() -> None:
+        async with TusClient(server.url, server.token) as client:
+            ok = await client.get("/healthz")
+            assert ok.status == 200 and ok.detail == ""
+            missing = await client.get("/exchange/no-such-route")
+            assert missing.status == 404 and missing.detail
+            with pytest.raises(ProtocolError, match="more than 10 bytes"):
+                await client.get("/openapi.json", max_bytes=10)
+
+    asyncio.run(scenario())

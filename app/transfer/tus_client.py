@@ -438,7 +438,9 @@ class TusClient:
             await asyncio.sleep(self.retry.delay(failures, retry.after))
 
     async def _bounded_get(self, url: str, max_bytes: int) -> Fetched:
-        async with self._http.stream("GET", url) as response:
+        # Tus-Resumable too: a partner's routes beside its uploads speak the same version.
+        headers = {"Tus-Resumable": TUS_VERSION}
+        async with self._http.stream("GET", url, headers=headers) as response:
             body = bytearray()
             async for data in response.aiter_bytes():
                 body += data
