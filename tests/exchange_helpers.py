@@ -33,13 +33,16 @@ def pair(
     rights_a: Iterable[str] = ("send", "receive", "pull"),
     rights_b: Iterable[str] = ("send", "receive", "pull"),
     roles: str = "uploader,reader",
+    url_b: str | None = None,
 ) -> None:
     """Pair ``a`` and ``b`` both ways: identities, partners, tokens, then the agreement of
-    ``trust_a`` with ``trust_b`` on each side (no agreement for an empty ``rights``)."""
+    ``trust_a`` with ``trust_b`` on each side (no agreement for an empty ``rights``).
+    ``url_b`` is where ``a`` calls ``b`` (a proxy in front of it, say)."""
     folder = a.data_dir.parent
     for here, trust_here, there in ((a, trust_a, b), (b, trust_b, a)):
+        url = url_b if there is b and url_b else there.url
         identity = folder / f"{there.env['IEX_NAME']}.identity.json"
-        identity.write_text(there.iex("identity", "export", "--url", there.url))
+        identity.write_text(there.iex("identity", "export", "--url", url))
         here.iex("partner", "add", there.env["IEX_NAME"], "--trust", trust_here,
                  "--identity", str(identity))  # fmt: skip
     for here, trust_here, there in ((a, trust_a, b), (b, trust_b, a)):
