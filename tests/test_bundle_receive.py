@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import httpx
 import pytest
+from pydicom.uid import generate_uid
 
 from app.crypto.identity import IdentityDocument
 from app.transfer.jobs import new_job_id
@@ -33,7 +34,7 @@ from tests.exchange_helpers import (
     study_instances,
     verified_receipt,
 )
-from tests.helpers import IexServer
+from tests.helpers import IexServer, make_instance
 from tests.transfer_helpers import stored_digests
 
 
@@ -162,6 +163,28 @@ def test_one_byte_flipped_in_the_data_stores_nothing_and_is_refused(p: Pairing) 
     assert receipt.reason is not None and "instance 2 (" in receipt.reason
     [event] = _events(p, "rad-b", built.transfer)
     assert "refused, receipt sent" in event and "partner gw-a" in event
+
+
+def test_an_instance_the_store_refuses_refuses_the_whole_bundle(p: Pairing) -> None:
+    first = build(p.sender, "rad-a", p.identity, "rad-b", study_instances(1))
+    assert pushed(p.receiver, p.token, first)["state"] == "complete"
+    # Another object under a SOP Instance UID the trust holds, beside a new one.
+    taken = next(iter(first.instances))
+    study = generate_uid()
+    instances = {
+        uid: make_instance(study_uid=study, sop_uid=uid, patient_id="PID-2")
+        for uid in (generate_uid(), taken)
+    }
+    built = build(p.sender, "rad-a", p.identity, "rad-b", instances)
+    report = pushed(p.receiver, p.token, built)
+    assert report["state"] == "failed", report
+    assert report["counts"]["failed"] == 1
+    assert f"instance 1 ({taken}) cannot be stored" in report["error"]
+    assert instance_count(p.receiver, p.token, study) == 0
+    r = receipt_response(p.receiver, p.token, built.transfer)
+    receipt = verified_receipt(r.content, p.identity, built, "rad-b")
+    assert receipt.result == "refused" and "already stored under this SOP" in (receipt.reason or "")
+    assert stored_digests(p.receiver, first.study, p.token) == digests(first.instances)
 
 
 def test_a_bundle_for_another_trust_is_misaddressed(p: Pairing) -> None:
