@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routers import admin, health, qido, stow, upload_reports, uploads, wado
+from app.routers import admin, exchange, health, qido, stow, upload_reports, uploads, wado
 
 api_router = APIRouter()
-for module in (health, stow, wado, qido, uploads, upload_reports, admin):
+for module in (health, stow, wado, qido, uploads, upload_reports, exchange, admin):
     api_router.include_router(module.router)

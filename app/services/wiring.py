@@ -20,6 +20,8 @@ from app.crypto.keystore import DataKeys
 from app.dicom.query import PagingLimits
 from app.filelock import FileLock
 from app.metrics import Metrics
+from app.services.bundle_ingest import BundleIngest
+from app.services.exchange_directory import ExchangeDirectory
 from app.services.housekeeping import Housekeeping
 from app.services.ingest import IngestPolicy, UploadIngest
 from app.services.keys import INDEX_FILE, key_lock, open_data_keys
@@ -126,12 +128,17 @@ async def _build(
     stow = StowService(
         store, index, StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold)
     )
+    transfers = await _transfers(settings, keys, delivery, running)
+    bundles = BundleIngest(
+        uploads, stow, transfers, ExchangeDirectory(security.store), keys, settings.name
+    )
     ingest = UploadIngest(
         uploads,
         stow,
         security.audit,
         _ingest_policy(settings),
         FileLock(data_dir / RUN_DIR / "ingest.lock"),
+        bundles,
     )
     uploads.on_complete = ingest.submit
     await ingest.start()
@@ -156,7 +163,7 @@ async def _build(
         ingest=ingest,
         metrics=metrics,
         security=security,
-        transfers=await _transfers(settings, keys, delivery, running),
+        transfers=transfers,
     )
 
 
