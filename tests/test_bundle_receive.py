@@ -232,6 +232,28 @@ def test_without_an_agreement_the_bundle_is_refused_and_audited(p: Pairing) -> N
     )
 
 
+def test_a_refused_transfer_sent_again_once_agreed_is_stored(p: Pairing) -> None:
+    """A refusal stored nothing: the sender's retry under the same id, in a new upload once
+    the cause is fixed, is received afresh and its receipt replaces the refusal."""
+    instances = study_instances(2)
+    first = build(p.sender, "rad-x", p.identity, "rad-b", instances)
+    assert pushed(p.receiver, p.token, first)["state"] == "failed"
+    refused = receipt_response(p.receiver, p.token, first.transfer).content
+    assert verified_receipt(refused, p.identity, first, "rad-b").result == "refused"
+    p.receiver.iex("agreement", "add", "--trust", "rad-b", "--partner", "gw-a",
+                   "--partner-trust", "rad-x", "--allow", "receive")  # fmt: skip
+    try:
+        again = build(p.sender, "rad-x", p.identity, "rad-b", instances, transfer=first.transfer)
+        assert pushed(p.receiver, p.token, again)["state"] == "complete"
+    finally:
+        p.receiver.iex("agreement", "remove", "--trust", "rad-b", "--partner", "gw-a",
+                       "--partner-trust", "rad-x")  # fmt: skip
+    r = receipt_response(p.receiver, p.token, first.transfer)
+    receipt = verified_receipt(r.content, p.identity, again, "rad-b")
+    assert (receipt.result, receipt.instances) == ("stored", len(instances))
+    assert stored_digests(p.receiver, first.study, p.token) == digests(instances)
+
+
 def test_a_transfer_id_is_one_bundle(p: Pairing) -> None:
     first = build(p.sender, "rad-a", p.identity, "rad-b", study_instances(1))
     assert pushed(p.receiver, p.token, first)["state"] == "complete"

@@ -14,7 +14,9 @@ It is received in this order and refused at the first failure:
 3. the transfer id: the one the upload was created for, and the id of this gateway's
    inbound record of the transfer. The same bundle again (same sender, same manifest) is
    not stored again and its receipt stands; another bundle under a recorded id is refused,
-   the record and its receipt staying those of the first;
+   the record and its receipt staying those of the first, unless the first was refused
+   (nothing of it stored) and this one comes in a new upload: the sender's retry, received
+   afresh;
 4. every instance decrypted as a stream, never to plaintext on disk, staged through the
    STOW-RS pipeline, then committed all or nothing into the recipient trust only.
 
@@ -264,6 +266,18 @@ class BundleIngest:
             raise taken from None  # another trust's, or an outbound one
         if (job.partner, job.partner_trust) != (sender.gateway, sender.trust):
             raise taken
+        if job.state is JobState.FAILED and job.checkpoint.get(UPLOAD) != context.upload.id:
+            # Refused before, so nothing of it is stored: the sender's retry, sent again in a
+            # new upload once the cause was fixed, is received afresh.
+            return await self._transfers.record_arrival_again(
+                context.trust,
+                transfer,
+                checkpoint={
+                    MANIFEST_SHA256: context.bundle.manifest_sha256,
+                    UPLOAD: context.upload.id,
+                },
+                bytes_total=context.upload.length,
+            )
         recorded = job.checkpoint.get(MANIFEST_SHA256)
         if recorded != context.bundle.manifest_sha256:
             raise Conflict(

@@ -184,6 +184,21 @@ class TransferService:
         await self._store.insert(job)
         return job
 
+    async def record_arrival_again(
+        self,
+        trust: str,
+        job_id: str,
+        *,
+        checkpoint: Mapping[str, Any],
+        bytes_total: int | None = None,
+    ) -> TransferJob:
+        """The refused arrival ``job_id`` arrives again in a new upload (``arriving_again``)."""
+        return await self._change(
+            trust,
+            job_id,
+            lambda job, now: jobs.arriving_again(job, now, checkpoint, bytes_total),
+        )
+
     async def arrival(self, trust: str, job_id: str) -> TransferJob:
         """The inbound transfer ``job_id`` of ``trust``; ``NotFound`` for an outbound one, as
         for another trust's or a missing one."""

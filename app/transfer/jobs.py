@@ -298,6 +298,29 @@ def retried(job: TransferJob, now: float) -> TransferJob:
     return dataclasses.replace(job, next_attempt_at=now, updated_at=now)
 
 
+def arriving_again(
+    job: TransferJob, now: float, checkpoint: Mapping[str, Any], bytes_total: int | None
+) -> TransferJob:
+    """An inbound transfer that was refused (nothing of it stored) arriving again in a new
+    upload: the sender retried, once the cause was fixed (an agreement made, say). It
+    arrives afresh; the refusal and its receipt are replaced by what comes of this one."""
+    if job.direction is not Direction.IN or job.state is not JobState.FAILED:
+        raise IllegalTransition(
+            f"transfer {job.id} is {job.direction.value} and {job.state.value}: only a refused "
+            "arrival can arrive again"
+        )
+    return dataclasses.replace(
+        job,
+        state=JobState.SENDING,
+        updated_at=now,
+        bytes_sent=0,
+        bytes_total=bytes_total,
+        last_error=None,
+        receipt=None,
+        checkpoint=dict(checkpoint),
+    )
+
+
 def progressed(
     job: TransferJob,
     now: float,
