@@ -68,7 +68,6 @@ _PULL_VIEW = (
         },
         400: {"description": "A malformed body, partner name or query"},
         403: {"description": "No agreement of the caller's trust allows pulling from there"},
-        404: {"description": "No such partner"},
         409: {"description": "The partner has given this gateway no token yet"},
         502: {
             "description": "The partner could not be reached or failed; the pull is "
