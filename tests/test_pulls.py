@@ -279,6 +279,8 @@ def test_forged_stale_and_misdirected_requests_are_refused(net: Net) -> None:
             "addressed to gateway 'gw-z'")  # fmt: skip
     refused(signed_pull(net.requester, "rad-r", Holder("gw-h", "other-h"), query), 403,
             "acts for trust rad-h")  # fmt: skip
+    refused(signed_pull(net.requester, "rad-r", holder, query, limit=5000), 400,
+            "limit is 5000, outside 1..1000")  # fmt: skip
     refused(b'{"request": 1}', 400, "not in canonical form")
     refused(b"[", 400, "not JSON")
     r = post_request(net.holder, "/exchange/pulls", "iex_" + "0" * 16 + "_" + "0" * 64, forged)
@@ -454,6 +456,17 @@ def test_an_unreachable_partner_fails_the_pull_with_502(net: Net) -> None:
     r = _get(net.requester, net.readers["rad-r"], "/partners/gw-down/dicomweb/studies",
              PatientID="P-1")  # fmt: skip
     assert r.status_code == 502 and "could not be reached" in r.text
+
+
+def test_a_partner_refusing_the_request_fails_the_pull_with_its_reason(net: Net) -> None:
+    # A "partner" at the requester's own URL, which issued no such token: it answers 401.
+    _unreachable_partner(net, "gw-refusing", net.requester.url)
+    body = {"partner": "gw-refusing", "partner_trust": "rad-d", "query": {"PatientID": "P-1"}}
+    r = _pull(net.requester, net.readers["rad-r"], body)
+    assert r.status_code == 502, r.text
+    assert r.json()["detail"].startswith(
+        "partner gw-refusing refused the pull request with 401: invalid token"
+    )
 
 
 def test_a_partner_presenting_another_certificate_than_pinned_is_not_called(net: Net) -> None:
