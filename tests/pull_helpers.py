@@ -1,12 +1,12 @@
-"""Helpers of the pull and federated search tests: gateways paired with the real command
-line, studies stored by STOW-RS, and a partner's signed requests made by hand."""
+"""Helpers of the pull and federated search tests (gateways are paired by
+``tests.exchange_helpers``): studies stored by STOW-RS, the holder's outbound transfers, its
+audit trail, and a partner's signed requests made by hand."""
 
 from __future__ import annotations
 
 import io
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,40 +17,6 @@ from app.services.keys import open_data_keys
 from app.transfer.gateway_requests import GatewayRequest, Holder, PullRequest, sign_request
 from app.transfer.manifest import Endpoint
 from tests.helpers import IexServer, make_instance, multipart_related, open_db
-
-
-def export_identity(srv: IexServer, directory: Path) -> Path:
-    """The gateway's identity document, with its certificate's fingerprint under TLS."""
-    args = ["identity", "export", "--url", srv.url]
-    if srv.tls is not None:
-        args += ["--tls-cert", str(srv.tls.cert)]
-    path = directory / f"{srv.env['IEX_NAME']}.json"
-    path.write_text(srv.iex(*args))
-    return path
-
-
-def pair(
-    requester: IexServer,
-    requester_trust: str,
-    holder: IexServer,
-    holder_trust: str,
-    directory: Path,
-) -> str:
-    """Each gateway registers the other; the holder issues a reader token for the requester,
-    which keeps it for its calls. The token, for tests that call the holder by hand."""
-    r_name, h_name = requester.env["IEX_NAME"], holder.env["IEX_NAME"]
-    requester.iex("partner", "add", h_name, "--trust", requester_trust, "--identity",
-                  str(export_identity(holder, directory)))  # fmt: skip
-    holder.iex("partner", "add", r_name, "--trust", holder_trust, "--identity",
-               str(export_identity(requester, directory)))  # fmt: skip
-    token = holder.iex(
-        "token", "issue", "--trust", holder_trust, "--role", "reader", "--partner", r_name
-    ).strip()
-    token_file = directory / f"{h_name}-for-{r_name}.token"
-    token_file.write_text(token + "\n")
-    requester.iex("partner", "add", h_name, "--token-file", str(token_file))
-    token_file.unlink()
-    return token
 
 
 def agree(srv: IexServer, trust: str, partner: str, partner_trust: str, rights: str) -> None:

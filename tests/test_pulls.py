@@ -22,13 +22,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from app.transfer.gateway_requests import Holder
+from tests.exchange_helpers import gateway, pair
 from tests.helpers import IexServer, free_port
 from tests.pki import server_tls
 from tests.pull_helpers import (
     agree,
     audit_descriptions,
     outbound_transfers,
-    pair,
     post_request,
     signed_pull,
     store_study,
@@ -46,18 +46,7 @@ class Net:
     readers: dict[str, str]
     #: Studies at the holder: A, B (rad-h, P-1), C (rad-h, P-2), D (other-h, P-1).
     studies: dict[str, str]
-    pki: Path
-
-
-def _gateway(root: Path, name: str, *trusts: str, tls: bool = False) -> IexServer:
-    srv = IexServer(
-        _dir(root / name) / "data",
-        env={"IEX_NAME": name},
-        tls=server_tls(_dir(root / name / "pki")) if tls else None,
-    ).start()
-    for trust in trusts:
-        srv.iex("trust", "add", trust)
-    return srv
+    root: Path
 
 
 def _dir(path: Path) -> Path:
@@ -68,23 +57,25 @@ def _dir(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     root = tmp_path_factory.mktemp("pulls")
+    # The holder serves TLS and its identity gives its certificate (IEX_TLS_CERT): the
+    # others pin it.
+    tls = server_tls(_dir(root / "pki"))
+    holder = gateway(root, "gw-h", "rad-h", "other-h", IEX_TLS_CERT=str(tls.cert))
+    holder.tls = tls
+    requester = gateway(root, "gw-r", "rad-r", "multi-r", "ward-r")
+    outsider = gateway(root, "gw-x", "rad-x")
+    pair(requester, "rad-r", holder, "rad-h", rights_a=["pull"], rights_b=["pull"])
+    pair(outsider, "rad-x", holder, "rad-h", rights_a=["pull"], rights_b=[])
+    agree(requester, "multi-r", "gw-h", "rad-h", "pull")
+    agree(requester, "multi-r", "gw-h", "other-h", "send,pull")
+    agree(holder, "rad-h", "gw-r", "multi-r", "receive,pull")
+    token_for_r = holder.iex(
+        "token", "issue", "--trust", "rad-h", "--role", "reader", "--partner", "gw-r"
+    ).strip()
     started: list[IexServer] = []
     try:
-        holder = _gateway(root, "gw-h", "rad-h", "other-h", tls=True)
-        started.append(holder)
-        requester = _gateway(root, "gw-r", "rad-r", "multi-r", "ward-r")
-        started.append(requester)
-        outsider = _gateway(root, "gw-x", "rad-x")
-        started.append(outsider)
-        docs = _dir(root / "documents")
-        token_for_r = pair(requester, "rad-r", holder, "rad-h", docs)
-        pair(outsider, "rad-x", holder, "rad-h", docs)
-        agree(requester, "rad-r", "gw-h", "rad-h", "pull")
-        agree(requester, "multi-r", "gw-h", "rad-h", "pull")
-        agree(requester, "multi-r", "gw-h", "other-h", "send,pull")
-        agree(holder, "rad-h", "gw-r", "rad-r", "pull")
-        agree(holder, "rad-h", "gw-r", "multi-r", "receive,pull")
-        agree(outsider, "rad-x", "gw-h", "rad-h", "pull")
+        for srv in (holder, requester, outsider):
+            started.append(srv.start())
         uploader = holder.issue_token("rad-h", "uploader")
         studies = {
             "A": store_study(holder, uploader, "P-1", study_date="20190505", modality="CT"),
@@ -428,15 +419,14 @@ def test_hostile_requests_never_fail_with_500(net: Net) -> None:
 def _unreachable_partner(net: Net, name: str, url: str, tls_cert: Path | None = None) -> None:
     """Register at gw-r a partner ``name`` (trust ``rad-d``) that lives at ``url``, with a
     pull agreement for ``rad-r``: its identity is made by a gateway never started."""
-    ghost = IexServer(net.pki / name / "data", env={"IEX_NAME": name})
-    ghost.iex("trust", "add", "rad-d")
+    ghost = gateway(net.root, name, "rad-d")
     args = ["identity", "export", "--url", url]
     if tls_cert is not None:
         args += ["--tls-cert", str(tls_cert)]
-    identity = net.pki / f"{name}.json"
+    identity = net.root / f"{name}.json"
     identity.write_text(ghost.iex(*args))
     net.requester.iex("partner", "add", name, "--trust", "rad-r", "--identity", str(identity))
-    token = net.pki / f"{name}.token"
+    token = net.root / f"{name}.token"
     token.write_text("iex_" + "1" * 16 + "_" + "2" * 64 + "\n")
     net.requester.iex("partner", "add", name, "--token-file", str(token))
     agree(net.requester, "rad-r", name, "rad-d", "pull")
@@ -471,7 +461,7 @@ def test_a_partner_refusing_the_request_fails_the_pull_with_its_reason(net: Net)
 
 def test_a_partner_presenting_another_certificate_than_pinned_is_not_called(net: Net) -> None:
     # The identity on record pins a certificate the holder does not present.
-    other = server_tls(_dir(net.pki / "other-pki"))
+    other = server_tls(_dir(net.root / "other-pki"))
     _unreachable_partner(net, "gw-pinned", net.holder.url, tls_cert=other.cert)
     body = {"partner": "gw-pinned", "partner_trust": "rad-d", "query": {"PatientID": "P-1"}}
     r = _pull(net.requester, net.readers["rad-r"], body)
