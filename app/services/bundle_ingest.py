@@ -10,7 +10,8 @@ It is received in this order and refused at the first failure:
    on record, the signature, the manifest's fields, and that the bundle is for this gateway
    and the uploading trust. Until the bundle is identified nothing is recorded: the
    upload's report alone says why it was refused;
-2. the agreement of the recipient trust with the sender's trust, with the ``receive`` right;
+2. the agreement of the recipient trust with the sender's trust, with the ``receive`` right
+   (or ``pull``: what a pull asked for comes back as a push);
 3. the transfer id: the one the upload was created for, and the id of this gateway's
    inbound record of the transfer. The same bundle again (same sender, same manifest) is
    not stored again and its receipt stands; another bundle under a recorded id is refused,
@@ -179,7 +180,10 @@ class BundleIngest:
         sender = bundle.manifest.sender
         forbidden: Forbidden | None = None
         try:
-            await self._directory.require(upload.trust, sender.gateway, sender.trust, Right.RECEIVE)
+            # What a pull asked for comes back as a push: ``pull`` admits it as ``receive``.
+            await self._directory.require_any(
+                upload.trust, sender.gateway, sender.trust, (Right.RECEIVE, Right.PULL)
+            )
         except Forbidden as exc:
             forbidden = exc
         try:
