@@ -12,7 +12,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # --locked: refuse a uv.lock that no longer matches pyproject.toml instead of updating it.
 SYNC := $(UV) sync --locked --python $(PYTHON)
 
-.PHONY: install install-runtime run test lint lock bench bench-compare openapi clean
+.PHONY: install install-runtime run test lint lock bench bench-compare demo-exchange openapi clean
 
 $(UV): tools/uv-requirements.txt
 	$(PYTHON) -m venv $(TOOLS)
@@ -37,8 +37,8 @@ run: install-runtime
 	$(BIN)/iex serve
 
 lint: install
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check app tests bench tools
+	$(BIN)/ruff format --check app tests bench tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -48,6 +48,10 @@ test: lint
 # After changing the dependencies in pyproject.toml: resolve them again into uv.lock.
 lock: $(UV)
 	$(UV) lock --python $(PYTHON)
+
+# Two gateways on loopback pair, push a study and pull it back: docs/EXCHANGE.md in action.
+demo-exchange: install-runtime
+	$(BIN)/python tools/demo_exchange.py
 
 bench: install
 	$(BIN)/python bench/run_all.py

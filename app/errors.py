@@ -17,6 +17,7 @@
      ├── UnsupportedMediaType     415  request Content-Type not handled
      ├── TooManyRequests          429  a rate limit is exhausted (with Retry-After)
      ├── ChecksumMismatch         460  a tus chunk does not match its Upload-Checksum
+     ├── BadGateway               502  a partner gateway could not be reached or failed
      └── ServiceUnavailable       503  store or index not usable
           └── AuditUnavailable    503  the audit trail cannot be written: no access to
                                        patient data is answered unrecorded
@@ -111,6 +112,13 @@ class ChecksumMismatch(IexError):
     """tus 1.0.0 checksum extension: 460 Checksum Mismatch (not an IANA status)."""
 
     status_code = 460
+
+
+class BadGateway(IexError):
+    """A call this gateway made to a partner gateway on the caller's behalf failed: the
+    partner was unreachable, answered an error, or answered something malformed."""
+
+    status_code = 502
 
 
 class ServiceUnavailable(IexError):

@@ -13,6 +13,14 @@ connection's first byte:
   ``held`` is set then. The upload stands still at a known point. ``release(drop=True)``
   closes the held connection instead of forwarding the rest: what a client that died
   meanwhile had in flight is lost, so the server's offset stays where it stood.
+* ``hold_after_marker(marker)``: like ``hold``, but the first connection to send
+  ``marker`` towards the server is held just after forwarding the read that holds it.
+* ``down = True``: every new connection is closed at once, as by a server that is not there.
+* ``lose_answer(marker)``: the first answer (server to client) holding ``marker`` is never
+  delivered: the connection is closed instead, as when a response is lost on the way.
+
+``recording`` keeps a copy of every byte passed, both ways, when the proxy was made with
+``record=True``: what a relay between two gateways could see.
 
 Plain sockets and threads, so it runs beside synchronous and asyncio tests alike.
 """
@@ -33,11 +41,19 @@ class _Fault:
     cut_every: bool = False
     flip_at: int | None = None
     hold_after: int | None = None
+    lose_marker: bytes | None = None
+    hold_marker: bytes | None = None
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", *, record: bool = False
+    ) -> None:
         self.target = (target_host, target_port)
+        self.record = record
+        self.recording = bytearray()
+        self.lost_answers = 0
+        self.down = False
         self.port = 0
         self.bytes_up = 0
         self.bytes_down = 0
@@ -73,6 +89,16 @@ class FaultProxy:
             self._fault.hold_after = after
             self.held.clear()
             self._released.clear()
+
+    def hold_after_marker(self, marker: bytes) -> None:
+        with self._lock:
+            self._fault.hold_marker = marker
+            self.held.clear()
+            self._released.clear()
+
+    def lose_answer(self, marker: bytes) -> None:
+        with self._lock:
+            self._fault.lose_marker = marker
 
     def release(self, *, drop: bool = False) -> None:
         """End every fault and let held connections go on, or with ``drop`` close them."""
@@ -128,6 +154,9 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.down:
+                _close(client)
+                continue
             try:
                 server = socket.create_connection(self.target, timeout=10)
                 server.settimeout(None)
@@ -154,9 +183,11 @@ class FaultProxy:
                 position += len(data)
                 with self._lock:
                     self.bytes_up += len(data)
+                    if self.record:
+                        self.recording += data
                 if cut:
                     break
-                if self._should_hold(position):
+                if self._should_hold(position, data):
                     self._released.wait()
                     if self._stopping or self._drop_held:
                         break
@@ -172,9 +203,19 @@ class FaultProxy:
                 data = server.recv(_BUFFER)
                 if not data:
                     break
+                with self._lock:
+                    marker = self._fault.lose_marker
+                    lose = marker is not None and marker in data
+                    if lose:
+                        self._fault.lose_marker = None
+                        self.lost_answers += 1
+                if lose:
+                    break
                 client.sendall(data)
                 with self._lock:
                     self.bytes_down += len(data)
+                    if self.record:
+                        self.recording += data
         except OSError:
             pass
         finally:
@@ -200,12 +241,15 @@ class FaultProxy:
                 return data, True
         return data, False
 
-    def _should_hold(self, position: int) -> bool:
+    def _should_hold(self, position: int, data: bytes) -> bool:
         with self._lock:
-            after = self._fault.hold_after
-            if after is None or position < after:
+            after, marker = self._fault.hold_after, self._fault.hold_marker
+            if marker is not None and marker in data:
+                self._fault.hold_marker = None
+            elif after is None or position < after:
                 return False
-            self._fault.hold_after = None
+            else:
+                self._fault.hold_after = None
         self.held.set()
         return True
 

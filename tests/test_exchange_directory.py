@@ -196,6 +196,30 @@ async def test_the_directory_answers_what_later_code_asks(store: SQLiteSecurityS
         await directory.partner_signing_key("north", "sig-1")
 
 
+async def test_studies_a_pull_asked_for_cross_under_send_or_pull(
+    store: SQLiteSecurityStore,
+) -> None:
+    await register_partner(
+        store,
+        PartnerChange("east", trust="rad-a", identity=_identity("east", "rad-b", "rad-c", "rad-d")),
+    )
+    await set_agreement(store, "rad-a", "east", "rad-b", (Right.PULL,))
+    await set_agreement(store, "rad-a", "east", "rad-c", (Right.SEND, Right.PULL))
+    await set_agreement(store, "rad-a", "east", "rad-d", (Right.RECEIVE,))
+    directory = ExchangeDirectory(store)
+    either = (Right.SEND, Right.PULL)
+    assert (await directory.require_any("rad-a", "east", "rad-b", either)).allow == ("pull",)
+    assert (await directory.require_any("rad-a", "east", "rad-c", either)).allow == ("send", "pull")
+    with pytest.raises(Forbidden, match="allows receive, not send or pull"):
+        await directory.require_any("rad-a", "east", "rad-d", either)
+    with pytest.raises(Forbidden, match="no agreement of trust local"):
+        await directory.require_any("local", "east", "rad-b", either)
+    assert await directory.partner_trusts("rad-a", "east", Right.PULL) == ["rad-b", "rad-c"]
+    assert await directory.partner_trusts("rad-a", "east", Right.RECEIVE) == ["rad-d"]
+    assert await directory.partner_trusts("local", "east", Right.PULL) == []
+    assert await directory.partner_trusts("rad-a", "west", Right.PULL) == []
+
+
 # -- the upgrade from the previous schema ------------------------------------------------------
 
 #: How the code before identities registered a partner (its ``add_partner``).

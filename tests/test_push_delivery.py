@@ -18,7 +18,8 @@ from pydicom.uid import generate_uid
 
 from app.services.push_parts import MIN_PART
 from app.transfer.jobs import JobState
-from tests.exchange_helpers import (
+from tests.helpers import make_instance
+from tests.push_helpers import (
     TRUST_A,
     TRUST_B,
     UNAGREED_A,
@@ -34,7 +35,6 @@ from tests.exchange_helpers import (
     transfer_events,
     wait_transfer,
 )
-from tests.helpers import make_instance
 from tests.transfer_helpers import source_digests, stored_digests, studies_found
 
 

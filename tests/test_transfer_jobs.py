@@ -19,6 +19,7 @@ from app.transfer.jobs import (
     Backoff,
     Direction,
     IllegalTransition,
+    JobExists,
     JobState,
     Priority,
     TransferJob,
@@ -26,6 +27,7 @@ from app.transfer.jobs import (
     can_move,
     check_move,
     new_job,
+    new_job_id,
     progressed,
 )
 from app.transfer.sqlite_jobs import MIGRATIONS, SQLiteTransferJobs
@@ -296,6 +298,39 @@ async def test_arrivals_are_recorded_with_their_receipt(service: TransferService
     out = await service.create("north", study=generate_uid(), partner="e", partner_trust="e")
     with pytest.raises(Conflict, match="is outbound"):
         await service.record_arrived("north", out.id, RECEIPT)
+
+
+async def test_an_arrival_takes_the_id_its_sender_gave_it(service: TransferService) -> None:
+    """A partner asks for its receipt by its own transfer id: the arrival is recorded under
+    it, once, with what the receiver keeps of it, and a refusal keeps its receipt too."""
+    sender_id = new_job_id()
+    study = generate_uid()
+    arrived = await service.record_arrival(
+        "north",
+        job_id=sender_id,
+        partner="east-gw",
+        partner_trust="east",
+        study=study,
+        checkpoint={"manifest_sha256": "ab" * 32},
+    )
+    assert arrived.id == sender_id and arrived.checkpoint == {"manifest_sha256": "ab" * 32}
+    assert (await service.arrival("north", sender_id)).id == sender_id
+    with pytest.raises(JobExists):
+        await service.record_arrival(
+            "south", job_id=sender_id, partner="east-gw", partner_trust="east", study=study
+        )
+    with pytest.raises(NotFound):
+        await service.arrival("south", sender_id)  # another trust's reads like none
+    refused = await service.record_refused("north", sender_id, "no agreement", RECEIPT)
+    assert (refused.state, refused.last_error, refused.receipt) == (F, "no agreement", RECEIPT)
+    for odd in ("tr-1", "AB" * 16, "0" * 33):
+        with pytest.raises(BadRequest, match="32 lower-case hexadecimal digits"):
+            await service.record_arrival(
+                "north", job_id=odd, partner="east-gw", partner_trust="east", study=study
+            )
+    out = await service.create("north", study=study, partner="e", partner_trust="e")
+    with pytest.raises(NotFound):
+        await service.arrival("north", out.id)  # an outbound transfer has no receipt here
 
 
 def test_the_view_shows_what_a_person_follows(clock: Clock) -> None:

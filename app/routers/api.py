@@ -4,8 +4,32 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routers import admin, health, qido, stow, upload_reports, uploads, wado
+from app.routers import (
+    admin,
+    exchange,
+    exchange_requests,
+    health,
+    partner_search,
+    pulls,
+    qido,
+    stow,
+    upload_reports,
+    uploads,
+    wado,
+)
 
 api_router = APIRouter()
-for module in (health, stow, wado, qido, uploads, upload_reports, admin):
+for module in (
+    health,
+    stow,
+    wado,
+    qido,
+    uploads,
+    upload_reports,
+    exchange,
+    admin,
+    pulls,
+    partner_search,
+    exchange_requests,
+):
     api_router.include_router(module.router)

@@ -25,7 +25,7 @@ from app.services.security import Principal
 router = APIRouter(prefix="/dicomweb", tags=["QIDO-RS"], route_class=ResourceRoute)
 
 
-def _parameters(level: QueryLevel) -> list[dict[str, Any]]:
+def query_parameters(level: QueryLevel) -> list[dict[str, Any]]:
     common: list[dict[str, Any]] = [
         {
             "name": "limit",
@@ -83,11 +83,11 @@ def _route(level: QueryLevel, summary: str) -> dict[str, Any]:
         "summary": summary,
         "response_class": Response,
         "responses": {**_RESPONSES, 200: {**_RESPONSES[200], "content": {DICOM_JSON: {}}}},
-        "openapi_extra": {"parameters": _parameters(level)},
+        "openapi_extra": {"parameters": query_parameters(level)},
     }
 
 
-def _negotiate(accept: str | None) -> str:
+def negotiate(accept: str | None) -> str:
     """The response media type (PS3.18 §8.7.3): DICOM JSON unless only plain JSON fits."""
     for media in parse_accept(accept):
         if media.matches(DICOM_JSON):
@@ -108,7 +108,7 @@ async def _search(
     study: str | None = None,
     series: str | None = None,
 ) -> Response:
-    media_type = _negotiate(request.headers.get("accept"))
+    media_type = negotiate(request.headers.get("accept"))
     result = await services.qido.search(
         principal,
         level,

@@ -125,6 +125,9 @@ class AccessFacts:
     #: it is sent); ``None`` for a body streamed without a declared length.
     bytes_sent: int | None = 0
     reason: str | None = None
+    #: What happened, in words, for an event its route and status do not tell (a partner's
+    #: bundle stored or refused, and from whom): identifiers only, never patient data.
+    description: str | None = None
 
 
 _ACTIONS = {
@@ -213,7 +216,9 @@ def build_record(facts: AccessFacts, source: str) -> AuditAppend:
     }
     if types:
         identification["EventTypeCode"] = types
-    if facts.reason and facts.status in (401, 403, 429):
+    if facts.description:
+        identification["EventOutcomeDescription"] = facts.description
+    elif facts.reason and facts.status in (401, 403, 429):
         identification["EventOutcomeDescription"] = facts.reason
     requestor: dict[str, Any] = {
         "UserID": facts.actor or "unknown",

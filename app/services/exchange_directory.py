@@ -15,6 +15,7 @@ there, a pull ``pull`` on both sides.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -90,17 +91,32 @@ class ExchangeDirectory:
     async def require(self, local: str, partner: str, remote: str, right: Right) -> Agreement:
         """The agreement of ``local`` with ``remote`` at ``partner`` when it allows
         ``right``; ``Forbidden`` saying what is missing otherwise."""
+        return await self.require_any(local, partner, remote, (right,))
+
+    async def require_any(
+        self, local: str, partner: str, remote: str, rights: Iterable[Right]
+    ) -> Agreement:
+        """The agreement of ``local`` with ``remote`` at ``partner`` when it allows one of
+        ``rights``; ``Forbidden`` saying what is missing otherwise. A study a pull asked
+        for crosses under ``pull`` as a pushed one does under ``send`` (or ``receive``), so
+        its delivery and its receiver ask for either."""
+        wanted = tuple(rights)
         found = await self._store.agreement(local, partner, remote)
         what = describe(local, partner, remote)
         if found is None:
             raise Forbidden(
                 f"no agreement of {what}: nothing crosses without one (iex agreement add)"
             )
-        if right.value not in found.allow:
-            raise Forbidden(
-                f"the agreement of {what} allows {', '.join(found.allow)}, not {right.value}"
-            )
+        if not any(right.value in found.allow for right in wanted):
+            names = " or ".join(right.value for right in wanted)
+            raise Forbidden(f"the agreement of {what} allows {', '.join(found.allow)}, not {names}")
         return found
+
+    async def partner_trusts(self, local: str, partner: str, right: Right) -> list[str]:
+        """The trusts of ``partner`` that ``local`` has an agreement with allowing
+        ``right``, by name."""
+        agreements = await self._store.agreements(local, partner)
+        return sorted(a.partner_trust for a in agreements if right.value in a.allow)
 
     async def partner(self, name: str) -> Partner:
         found = await self._store.partner(name)

@@ -7,7 +7,8 @@ takes uploads in the order they completed and moves each through the states of i
   payload is read back once and must match it;
 * ``ingesting``: the payload (zip, tar or multipart/related) is unpacked as a stream, never
   to plaintext on disk, and every DICOM object goes through the STOW-RS pipeline: staged
-  encrypted, parsed, validated;
+  encrypted, parsed, validated. A partner's exchange bundle is checked and decrypted as a
+  stream into the same pipeline, and answered with a signed receipt (``BundleIngest``);
 * ``complete``: every object was stored (or was already there byte for byte) in one index
   transaction, so the study appears in QIDO-RS whole or not at all;
 * ``failed``: nothing was stored; the report says which object failed and why, or what was
@@ -26,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,10 +44,12 @@ from app.dicom.status import DESCRIPTIONS
 from app.errors import AuditUnavailable, BadRequest, IexError
 from app.filelock import FileLock
 from app.services.audit import AccessFacts, AuditTrail
+from app.services.bundle_ingest import BundleIngest, BundleOutcome
+from app.services.ingest_progress import IngestProgress
 from app.services.stow import FailedInstance, StoreResult, StowService
 from app.transfer.archives import ArchiveLimits, NonDicomPolicy, SkippedMember, archive_events
 from app.transfer.tus import ResumableUploads
-from app.transfer.uploads import DICOM_MULTIPART, Upload, UploadState
+from app.transfer.uploads import BUNDLE, DICOM_MULTIPART, Upload, UploadState
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +68,13 @@ class IngestPolicy:
 
 
 @dataclass
-class _Progress:
-    """How far the running ingest is, for reports asked for meanwhile."""
-
-    position: Callable[[], int] = lambda: 0
-    objects: int = 0
-
-
-@dataclass
 class _Outcome:
     state: UploadState
     error: str | None = None
     result: StoreResult = field(default_factory=StoreResult)
     skipped: list[SkippedMember] = field(default_factory=list)
+    #: What became of a bundle, which its audit record tells in words.
+    bundle: BundleOutcome | None = None
 
     def to_json(self) -> str:
         result = self.result
@@ -123,15 +120,17 @@ class UploadIngest:
         audit: AuditTrail,
         policy: IngestPolicy,
         turn: FileLock,
+        bundles: BundleIngest,
     ) -> None:
         self._uploads = uploads
         self._stow = stow
         self._audit = audit
         self._policy = policy
         self._turn = turn
+        self._bundles = bundles
         self._queue: asyncio.Queue[Upload] = asyncio.Queue()
         self._queued: set[str] = set()
-        self._progress: dict[str, _Progress] = {}
+        self._progress: dict[str, IngestProgress] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- running --------------------------------------------------------------------------
@@ -196,7 +195,7 @@ class UploadIngest:
     # -- one upload -----------------------------------------------------------------------
 
     async def _ingest(self, upload: Upload) -> None:
-        progress = self._progress[upload.id] = _Progress()
+        progress = self._progress[upload.id] = IngestProgress()
         try:
             outcome = await self._outcome(upload, progress)
         finally:
@@ -210,7 +209,7 @@ class UploadIngest:
         else:
             log.info("upload %s failed: %s", upload.id, outcome.error)
 
-    async def _outcome(self, upload: Upload, progress: _Progress) -> _Outcome:
+    async def _outcome(self, upload: Upload, progress: IngestProgress) -> _Outcome:
         try:
             if upload.metadata.sha256 is not None:
                 digest = await self._digest(upload, progress)
@@ -244,7 +243,7 @@ class UploadIngest:
                 "nothing was stored",
             )
 
-    async def _digest(self, upload: Upload, progress: _Progress) -> str:
+    async def _digest(self, upload: Upload, progress: IngestProgress) -> str:
         hasher = hashlib.sha256()
         done = 0
         progress.position = lambda: done
@@ -254,9 +253,13 @@ class UploadIngest:
             done += len(data)
         return hasher.hexdigest()
 
-    async def _store(self, upload: Upload, progress: _Progress) -> _Outcome:
+    async def _store(self, upload: Upload, progress: IngestProgress) -> _Outcome:
         skipped: list[SkippedMember] = []
         kind = upload.metadata.content_type
+        if kind == BUNDLE:
+            received = await self._bundles.ingest(upload, progress)
+            state = UploadState.COMPLETE if received.stored else UploadState.FAILED
+            return _Outcome(state, received.error, received.result, bundle=received)
         if kind == DICOM_MULTIPART:
             events = self._multipart_events(upload, progress)
             staging = await self._stow.stage(upload.trust, _observed(events, progress))
@@ -288,7 +291,7 @@ class UploadIngest:
         return _Outcome(UploadState.COMPLETE, None, result, skipped)
 
     async def _multipart_events(
-        self, upload: Upload, progress: _Progress
+        self, upload: Upload, progress: IngestProgress
     ) -> AsyncGenerator[PartEvent]:
         read = 0
         progress.position = lambda: read
@@ -365,7 +368,24 @@ class UploadIngest:
 
 def _access(upload: Upload, outcome: _Outcome) -> AccessFacts:
     """One record per ingest: DICOM Instances Transferred into the trust (PS3.15 A.5.3), by
-    whoever created the upload; a failure is a serious failure with the reason."""
+    whoever created the upload; a failure is a serious failure with the reason. A bundle's
+    record says in words from which partner it came and what became of it."""
+    bundle = outcome.bundle
+    if bundle is not None:
+        return AccessFacts(
+            at=time.time(),
+            method="INGEST",
+            route="/transfers/uploads/{upload_id}",
+            status=bundle.status,
+            client=None,
+            actor=upload.actor,
+            trust=upload.trust,
+            kind="store",
+            objects=bundle.objects,
+            bytes_received=upload.length,
+            reason=outcome.error,
+            description=bundle.event,
+        )
     return AccessFacts(
         at=time.time(),
         method="INGEST",
@@ -382,7 +402,7 @@ def _access(upload: Upload, outcome: _Outcome) -> AccessFacts:
 
 
 async def _observed(
-    events: AsyncGenerator[PartEvent], progress: _Progress
+    events: AsyncGenerator[PartEvent], progress: IngestProgress
 ) -> AsyncGenerator[PartEvent]:
     """Count objects, and name each part that has no Content-Location by its position, so a
     report can always say which object failed."""

@@ -2,9 +2,10 @@
 
 ``docs/EXCHANGE.md`` ("Transport: pushing a bundle") is the contract. A run of a transfer:
 
-1. checks the agreement of the local trust with the partner trust (``send``) and finds how
-   to call the partner (URL, the token it issued us, its TLS certificate's pin, the exchange
-   key to seal to); nothing is sent without them, and their absence fails the transfer;
+1. checks the agreement of the local trust with the partner trust (``send``, or ``pull``
+   for a study a pull asked for) and finds how to call the partner (URL, the token it
+   issued us, its TLS certificate's pin, the exchange key to seal to); nothing is sent
+   without them, and their absence fails the transfer;
 2. ``packaging``: stages the bundle in the outbox, its head in the checkpoint
    (``app.services.packaging``). A transfer found in ``packaging`` packages again from
    scratch, as does one whose staged file is gone before all of it was handed over;
@@ -108,7 +109,10 @@ class PartnerDelivery:
         recorder = PushRecorder(progress)
         endpoint: PartnerEndpoint | None = None
         try:
-            await self._directory.require(job.trust, job.partner, job.partner_trust, Right.SEND)
+            # What a pull asked for is sent as a push is, under the ``pull`` right.
+            await self._directory.require_any(
+                job.trust, job.partner, job.partner_trust, (Right.SEND, Right.PULL)
+            )
             endpoint = await self._directory.endpoint(job.partner, job.partner_trust)
             outcome = await self._deliver(recorder, endpoint)
         except (JobStopped, asyncio.CancelledError):

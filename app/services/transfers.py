@@ -18,12 +18,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from app.dicom.uids import validate_uid
-from app.errors import Conflict, NotFound
+from app.errors import BadRequest, Conflict, NotFound
 from app.names import check_name
 from app.services.transfer_runner import TransferRunner
 from app.transfer import jobs
@@ -155,8 +155,20 @@ class TransferService:
         study: str,
         priority: str | Priority = Priority.ROUTINE,
         bytes_total: int | None = None,
+        job_id: str | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> TransferJob:
-        """A transfer from ``partner_trust`` at ``partner`` to ``trust`` begins to arrive."""
+        """A transfer from ``partner_trust`` at ``partner`` to ``trust`` begins to arrive.
+
+        ``job_id`` is the id the sender gave the transfer (a bundle's ``transfer``), by which
+        it asks for its receipt: it must be a job id (``BadRequest`` otherwise), and one
+        recorded already, in whichever trust or direction, is ``JobExists``.
+        """
+        if job_id is not None and not jobs.is_job_id(job_id):
+            raise BadRequest(
+                f"transfer id {job_id[:64]!r} cannot be recorded: a transfer id from a partner "
+                "is 32 lower-case hexadecimal digits"
+            )
         job = self._new_job(
             Direction.IN,
             trust,
@@ -166,8 +178,33 @@ class TransferService:
             priority,
             state=JobState.SENDING,
             bytes_total=bytes_total,
+            job_id=job_id,
+            checkpoint=checkpoint,
         )
         await self._store.insert(job)
+        return job
+
+    async def record_arrival_again(
+        self,
+        trust: str,
+        job_id: str,
+        *,
+        checkpoint: Mapping[str, Any],
+        bytes_total: int | None = None,
+    ) -> TransferJob:
+        """The refused arrival ``job_id`` arrives again in a new upload (``arriving_again``)."""
+        return await self._change(
+            trust,
+            job_id,
+            lambda job, now: jobs.arriving_again(job, now, checkpoint, bytes_total),
+        )
+
+    async def arrival(self, trust: str, job_id: str) -> TransferJob:
+        """The inbound transfer ``job_id`` of ``trust``; ``NotFound`` for an outbound one, as
+        for another trust's or a missing one."""
+        job = await self.get(trust, job_id)
+        if job.direction is not Direction.IN:
+            raise NotFound(f"no transfer {job_id[:64]!r} received by this trust")
         return job
 
     async def record_arrival_progress(
@@ -185,9 +222,13 @@ class TransferService:
             trust, job_id, lambda job, now: jobs.delivered(_inbound(job), receipt, now)
         )
 
-    async def record_refused(self, trust: str, job_id: str, reason: str) -> TransferJob:
+    async def record_refused(
+        self, trust: str, job_id: str, reason: str, receipt: bytes | None = None
+    ) -> TransferJob:
+        """The transfer was refused for ``reason``; ``receipt``: the signed ``refused``
+        receipt sent back, kept like a stored one so that it can be asked for again."""
         return await self._change(
-            trust, job_id, lambda job, now: jobs.failed(_inbound(job), reason, now)
+            trust, job_id, lambda job, now: jobs.failed(_inbound(job), reason, now, receipt)
         )
 
     # -- helpers --------------------------------------------------------------------------

@@ -20,11 +20,16 @@ from app.crypto.keystore import DataKeys
 from app.dicom.query import PagingLimits
 from app.filelock import FileLock
 from app.metrics import Metrics
+from app.services.bundle_ingest import BundleIngest
 from app.services.exchange_directory import ExchangeDirectory
+from app.services.gateway_requests import GatewayRequests
 from app.services.housekeeping import Housekeeping
 from app.services.ingest import IngestPolicy, UploadIngest
 from app.services.keys import INDEX_FILE, key_lock, open_data_keys
 from app.services.packaging import StudyPackager
+from app.services.partner_search import PartnerSearch
+from app.services.pull_answers import PullAnswers
+from app.services.pulls import PullService
 from app.services.push import PartnerDelivery, PushPolicy
 from app.services.qido import QidoService
 from app.services.security import (
@@ -48,7 +53,9 @@ from app.transfer.archives import ArchiveLimits, NonDicomPolicy
 from app.transfer.delivery import Delivery
 from app.transfer.jobs import Backoff
 from app.transfer.outbox import Outbox
+from app.transfer.partner_http import PartnerClient
 from app.transfer.sqlite_jobs import TRANSFERS_FILE, SQLiteTransferJobs
+from app.transfer.sqlite_pulls import PULLS_FILE, SQLitePulls
 from app.transfer.state import UPLOADS_FILE, SQLiteUploadState
 from app.transfer.tus import ResumableUploads, UploadLimits
 
@@ -71,6 +78,9 @@ class Services:
     metrics: Metrics
     security: Security
     transfers: TransferService
+    pulls: PullService
+    pull_answers: PullAnswers
+    partner_search: PartnerSearch
 
 
 @asynccontextmanager
@@ -128,12 +138,22 @@ async def _build(
     stow = StowService(
         store, index, StowLimits(settings.max_instance_bytes, settings.bulk_data_threshold)
     )
+    transfers = await _transfers(
+        settings,
+        keys,
+        delivery or _partner_delivery(settings, keys, store, index, security),
+        running,
+    )
+    bundles = BundleIngest(
+        uploads, stow, transfers, ExchangeDirectory(security.store), keys, settings.name
+    )
     ingest = UploadIngest(
         uploads,
         stow,
         security.audit,
         _ingest_policy(settings),
         FileLock(data_dir / RUN_DIR / "ingest.lock"),
+        bundles,
     )
     uploads.on_complete = ingest.submit
     await ingest.start()
@@ -143,27 +163,24 @@ async def _build(
     )
     housekeeping.start()
     running.push_async_callback(housekeeping.close)
+    paging = PagingLimits(settings.default_query_limit, settings.max_query_limit)
+    qido = QidoService(index, paging, security.gate)
+    pulls = await _pulls(settings, keys, security, qido, transfers, running)
     return Services(
         settings=settings,
         store=store,
         index=index,
         stow=stow,
         wado=WadoService(store, index),
-        qido=QidoService(
-            index,
-            PagingLimits(settings.default_query_limit, settings.max_query_limit),
-            security.gate,
-        ),
+        qido=qido,
         uploads=uploads,
         ingest=ingest,
         metrics=metrics,
         security=security,
-        transfers=await _transfers(
-            settings,
-            keys,
-            delivery or _partner_delivery(settings, keys, store, index, security),
-            running,
-        ),
+        transfers=transfers,
+        pulls=pulls[0],
+        pull_answers=pulls[1],
+        partner_search=pulls[2],
     )
 
 
@@ -231,6 +248,53 @@ def _partner_delivery(
 async def _cancelled(task: asyncio.Task[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def _pulls(
+    settings: Settings,
+    keys: DataKeys,
+    security: Security,
+    qido: QidoService,
+    transfers: TransferService,
+    running: AsyncExitStack,
+) -> tuple[PullService, PullAnswers, PartnerSearch]:
+    """Pulls and federated searches, both sides, over one client of partners."""
+    store = SQLitePulls(settings.data_dir / PULLS_FILE, key=keys.index_key)
+    await store.open()
+    running.push_async_callback(store.close)
+    directory = ExchangeDirectory(security.store)
+    requests = GatewayRequests(directory, keys.signing_key, settings.name, security.audit)
+    client = PartnerClient()
+    paging = PagingLimits(settings.default_query_limit, settings.max_query_limit)
+    audit = security.audit
+    return (
+        PullService(
+            directory=directory,
+            requests=requests,
+            client=client,
+            store=store,
+            transfers=transfers,
+            paging=paging,
+            audit=audit,
+        ),
+        PullAnswers(
+            directory=directory,
+            requests=requests,
+            store=store,
+            transfers=transfers,
+            qido=qido,
+            paging=paging,
+            audit=audit,
+        ),
+        PartnerSearch(
+            directory=directory,
+            requests=requests,
+            client=client,
+            qido=qido,
+            paging=paging,
+            audit=audit,
+        ),
+    )
 
 
 def _ingest_policy(settings: Settings) -> IngestPolicy:

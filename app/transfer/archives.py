@@ -21,7 +21,6 @@ DICOMDIR (PS3.10 §8) is skipped; other members are skipped or refused as the po
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import io
 import re
@@ -38,11 +37,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from itertools import pairwise
-from typing import IO, ParamSpec, Protocol, TypeVar, cast
+from typing import IO, Protocol, cast
 
 from app.dicom.media import DICOM
 from app.dicom.multipart import PartData, PartEnd, PartEvent, PartStart
 from app.errors import BadRequest, IexError
+from app.transfer.threads import in_thread
 from app.transfer.uploads import TAR, ZIP
 
 #: Largest ``PartData`` emitted.
@@ -99,9 +99,6 @@ _COMPRESSED_TAR = (
     (b"\xfd7zXZ\x00", "xz"),
     (b"\x28\xb5\x2f\xfd", "zstd"),
 )
-
-_T = TypeVar("_T")
-_P = ParamSpec("_P")
 
 
 class PayloadFile(Protocol):
@@ -170,13 +167,13 @@ async def archive_events(
         opener = _TarArchive
     else:
         raise ValueError(f"not an archive kind: {kind!r}")
-    archive = await _in_thread(opener, _Reader(fp), limits)
+    archive = await in_thread(opener, _Reader(fp), limits)
     try:
-        while (name := await _in_thread(archive.next_member)) is not None:
+        while (name := await in_thread(archive.next_member)) is not None:
             if name.rpartition("/")[2].upper() == "DICOMDIR":
                 skipped.append(SkippedMember(name, DICOMDIR_REASON))
                 continue
-            head = await _in_thread(archive.open_member)
+            head = await in_thread(archive.open_member)
             if len(head) < _SNIFF or head[_PREAMBLE:_SNIFF] != _PREFIX:
                 if policy is NonDicomPolicy.REFUSE:
                     raise _member(name, "is not a DICOM file (no DICM prefix)")
@@ -184,25 +181,12 @@ async def archive_events(
                 continue
             yield PartStart({"content-type": DICOM, "content-location": name})
             yield PartData(head)
-            while data := await _in_thread(archive.read):
+            while data := await in_thread(archive.read):
                 yield PartData(data)
             yield PartEnd()
     finally:
         # Neither library closes a file it was given, so this never touches fp.
         archive.close()
-
-
-async def _in_thread(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """``fn`` in a worker thread. On cancellation, wait for the thread to finish first: it
-    cannot be stopped, and the caller closes fp next."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        if not task.cancelled():
-            task.exception()  # retrieved, so asyncio does not report it as lost
-        raise
 
 
 class _OverBudget(Exception):

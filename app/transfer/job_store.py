@@ -30,7 +30,8 @@ class TransferJobStore(Protocol):
     async def open(self) -> None: ...
 
     async def insert(self, job: TransferJob) -> None:
-        """Record a new job (its id is new: ids are random)."""
+        """Record a new job; ``JobExists`` when its id is recorded already (ids made here
+        are random, but an inbound job takes the id its sender gave the transfer)."""
 
     async def get(self, job_id: str) -> TransferJob | None: ...
 

@@ -86,6 +86,15 @@ class IllegalTransition(Conflict):
     """A change a job's current state does not allow (409)."""
 
 
+class JobExists(Conflict):
+    """A new job under an id already recorded (409): an inbound job takes the id its sender
+    gave the transfer, which may arrive again."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"transfer {job_id} is already recorded")
+        self.job_id = job_id
+
+
 def can_move(current: JobState, target: JobState) -> bool:
     if current is target:
         return False
@@ -158,10 +167,11 @@ class TransferJob:
     one); ``partner`` the other gateway and ``partner_trust`` the trust there. ``attempts``
     counts the runs a runner started; ``failures`` the transient failures since the job
     last made progress, from which the backoff grows, and ``failing_since`` when the first
-    of them happened, from which the retry window runs. ``receipt`` is the partner's signed
-    receipt, opaque here. ``version`` grows with every change: updates compare and set it.
-    ``lease_owner``/``lease_expires`` say which runner holds the job (read-only here: only
-    the store's claim, renew and release change them).
+    of them happened, from which the retry window runs. ``receipt`` is the signed receipt,
+    opaque here: the partner's for an outbound job, the one this gateway answered with
+    (``stored``, or ``refused``) for an inbound one. ``version`` grows with every change:
+    updates compare and set it. ``lease_owner``/``lease_expires`` say which runner holds the
+    job (read-only here: only the store's claim, renew and release change them).
     """
 
     id: str
@@ -213,9 +223,15 @@ def new_job(
     now: float,
     state: JobState = JobState.QUEUED,
     bytes_total: int | None = None,
+    job_id: str | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> TransferJob:
+    """A job as first recorded; ``job_id`` defaults to a new random one (an inbound job
+    takes its sender's, which must be a job id too)."""
+    if job_id is not None and not is_job_id(job_id):
+        raise ValueError("a job id is 32 lower-case hexadecimal digits")
     return TransferJob(
-        id=new_job_id(),
+        id=new_job_id() if job_id is None else job_id,
         direction=direction,
         trust=trust,
         partner=partner,
@@ -227,6 +243,7 @@ def new_job(
         updated_at=now,
         next_attempt_at=now,
         bytes_total=bytes_total,
+        checkpoint=dict(checkpoint or {}),
     )
 
 
@@ -281,6 +298,29 @@ def retried(job: TransferJob, now: float) -> TransferJob:
     return dataclasses.replace(job, next_attempt_at=now, updated_at=now)
 
 
+def arriving_again(
+    job: TransferJob, now: float, checkpoint: Mapping[str, Any], bytes_total: int | None
+) -> TransferJob:
+    """An inbound transfer that was refused (nothing of it stored) arriving again in a new
+    upload: the sender retried, once the cause was fixed (an agreement made, say). It
+    arrives afresh; the refusal and its receipt are replaced by what comes of this one."""
+    if job.direction is not Direction.IN or job.state is not JobState.FAILED:
+        raise IllegalTransition(
+            f"transfer {job.id} is {job.direction.value} and {job.state.value}: only a refused "
+            "arrival can arrive again"
+        )
+    return dataclasses.replace(
+        job,
+        state=JobState.SENDING,
+        updated_at=now,
+        bytes_sent=0,
+        bytes_total=bytes_total,
+        last_error=None,
+        receipt=None,
+        checkpoint=dict(checkpoint),
+    )
+
+
 def progressed(
     job: TransferJob,
     now: float,
@@ -328,8 +368,11 @@ def delivered(job: TransferJob, receipt: bytes, now: float) -> TransferJob:
     )
 
 
-def failed(job: TransferJob, reason: str, now: float) -> TransferJob:
-    return moved(job, JobState.FAILED, now, last_error=reason)
+def failed(job: TransferJob, reason: str, now: float, receipt: bytes | None = None) -> TransferJob:
+    """``job`` failed for ``reason``; an inbound job keeps the refused receipt it sent back."""
+    if receipt is None:
+        return moved(job, JobState.FAILED, now, last_error=reason)
+    return moved(job, JobState.FAILED, now, last_error=reason, receipt=receipt)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from app.crypto.sqlcipher import IntegrityErrors
 from app.storage.sqlite_db import Migration, SQLiteDatabase, migrate, script, transaction
 from app.transfer.job_store import JobFilter
-from app.transfer.jobs import Direction, JobState, Priority, TransferJob
+from app.transfer.jobs import Direction, JobExists, JobState, Priority, TransferJob
 
 TRANSFERS_FILE = "transfers.sqlite3"
 
@@ -190,7 +191,11 @@ class SQLiteTransferJobs:
             marks = ", ".join("?" * len(values))
             conn.execute(f"INSERT INTO transfers ({columns}) VALUES ({marks})", values)
 
-        await self._db.write(lambda conn: transaction(conn, run))
+        try:
+            await self._db.write(lambda conn: transaction(conn, run))
+        except IntegrityErrors:
+            # The one constraint a well-formed job can break: its id is the primary key.
+            raise JobExists(job.id) from None
 
     async def get(self, job_id: str) -> TransferJob | None:
         return await self._db.read(lambda conn: _select(conn, job_id))
