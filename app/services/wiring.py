@@ -20,9 +20,11 @@ from app.crypto.keystore import DataKeys
 from app.dicom.query import PagingLimits
 from app.filelock import FileLock
 from app.metrics import Metrics
+from app.services.exchange_directory import ExchangeDirectory
 from app.services.housekeeping import Housekeeping
 from app.services.ingest import IngestPolicy, UploadIngest
 from app.services.keys import INDEX_FILE, key_lock, open_data_keys
+from app.services.pushes import PushService
 from app.services.qido import QidoService
 from app.services.security import (
     ADMIN_TOKEN_FILE,
@@ -67,6 +69,7 @@ class Services:
     metrics: Metrics
     security: Security
     transfers: TransferService
+    pushes: PushService
 
 
 @asynccontextmanager
@@ -141,6 +144,7 @@ async def _build(
     )
     housekeeping.start()
     running.push_async_callback(housekeeping.close)
+    transfers = await _transfers(settings, keys, delivery, running)
     return Services(
         settings=settings,
         store=store,
@@ -156,7 +160,8 @@ async def _build(
         ingest=ingest,
         metrics=metrics,
         security=security,
-        transfers=await _transfers(settings, keys, delivery, running),
+        transfers=transfers,
+        pushes=PushService(transfers, index, ExchangeDirectory(security.store)),
     )
 
 
