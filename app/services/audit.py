@@ -160,9 +160,10 @@ _ACTIONS = {
 }
 
 
-def _outcome(status: int) -> str:
-    """EventOutcomeIndicator (PS3.15 A.5.2.1): a partial store (202) is a minor failure."""
-    if status < 300 and status != 202:
+def _outcome(status: int, kind: str) -> str:
+    """EventOutcomeIndicator (PS3.15 A.5.2.1): a partial store (202 to STOW-RS) is a minor
+    failure; a push accepted (202 to ``POST /transfers``) is a success."""
+    if status < 300 and not (status == 202 and kind == "store"):
         return "0"
     return "4" if status < 500 else "8"
 
@@ -249,7 +250,7 @@ def build_record(facts: AccessFacts, source: str) -> AuditAppend:
         "EventID": event,
         "EventActionCode": action,
         "EventDateTime": _when(facts.at),
-        "EventOutcomeIndicator": _outcome(facts.status),
+        "EventOutcomeIndicator": _outcome(facts.status, facts.kind),
     }
     if types:
         identification["EventTypeCode"] = types
