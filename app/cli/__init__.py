@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.cli import agreements, audit, identity, keys, serve, tokens, trusts, upload
+from app.cli import agreements, audit, identity, keys, send, serve, tokens, trusts, upload
 
-COMMAND_GROUPS = (serve, trusts, tokens, agreements, identity, audit, keys, upload)
+COMMAND_GROUPS = (serve, trusts, tokens, agreements, identity, audit, keys, upload, send)
 
 
 def build_parser() -> argparse.ArgumentParser:
