@@ -29,6 +29,7 @@ from app.services.keys import INDEX_FILE, key_lock, open_data_keys
 from app.services.partner_search import PartnerSearch
 from app.services.pull_answers import PullAnswers
 from app.services.pulls import PullService
+from app.services.pushes import PushService
 from app.services.qido import QidoService
 from app.services.security import (
     ADMIN_TOKEN_FILE,
@@ -78,6 +79,7 @@ class Services:
     pulls: PullService
     pull_answers: PullAnswers
     partner_search: PartnerSearch
+    pushes: PushService
 
 
 @asynccontextmanager
@@ -176,6 +178,7 @@ async def _build(
         pulls=pulls[0],
         pull_answers=pulls[1],
         partner_search=pulls[2],
+        pushes=PushService(transfers, index, ExchangeDirectory(security.store)),
     )
 
 
