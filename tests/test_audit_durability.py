@@ -255,6 +255,12 @@ def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -
                 ("GET", "/studies", {"params": {"StudyInstanceUID": study}}),
                 ("POST", "/studies", {"content": refused, "headers": CT}),
                 ("GET", srv.url + "/audit", {}),
+                # A push sends patient data away: refused like a store (and queues nothing).
+                (
+                    "POST",
+                    srv.url + "/transfers",
+                    {"json": {"study": study, "partner": "gw-b", "partner_trust": "rad-b"}},
+                ),
             ]
             for _ in range(3):
                 for method, path, kw in requests:
@@ -285,8 +291,9 @@ def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -
             assert httpx.get(srv.url + "/readyz").status_code == 200
             r = c.get(instance, headers={"Accept": "*/*"})
             assert r.status_code == 200 and data in r.content
-            # The refused store changed nothing: its study is nowhere.
+            # The refused store changed nothing: its study is nowhere. Nor was a push queued.
             assert c.get("/studies", params={"StudyInstanceUID": refused_study}).json() == []
+            assert c.get(srv.url + "/transfers").json() == {"transfers": []}
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()

@@ -16,6 +16,14 @@ from tests.helpers import IexServer
         ("PUT", "/dicomweb/studies/1.2.3/metadata", "GET"),
         ("PUT", "/transfers/uploads", "OPTIONS, POST"),
         ("PUT", "/transfers/uploads/0123abcd", "DELETE, HEAD, PATCH"),
+        # The transfers share the prefix; "uploads" is the tus resource, never a transfer id.
+        ("DELETE", "/transfers/uploads", "OPTIONS, POST"),
+        ("PATCH", "/transfers/uploads", "OPTIONS, POST"),
+        ("POST", "/transfers/uploads/pause", "DELETE, HEAD, PATCH"),
+        ("GET", "/transfers/uploads/0123abcd", "DELETE, HEAD, PATCH"),
+        ("PUT", "/transfers", "GET, POST"),
+        ("PUT", "/transfers/" + "0" * 32, "DELETE, GET"),
+        ("GET", "/transfers/" + "0" * 32 + "/pause", "POST"),
         ("POST", "/healthz", "GET"),
     ],
 )

@@ -60,7 +60,10 @@ def service(store: SQLiteTransferJobs, clock: Clock) -> TransferService:
 def test_jobs_move_forward_and_may_fail_or_be_cancelled_until_final() -> None:
     forward = [(Q, P), (Q, S), (P, S), (S, A), (A, D), (Q, D)]
     assert all(can_move(a, b) for a, b in forward)
-    assert all(can_move(a, F) and can_move(a, C) for a in (Q, P, S, A))
+    assert all(can_move(a, F) for a in (Q, P, S, A))
+    assert all(can_move(a, C) for a in (Q, P, S))
+    # Sent whole, the partner may hold it already: a cancel would lie.
+    assert not can_move(A, C)
     # Back, sideways, or out of a final state: refused.
     assert not any(can_move(a, b) for a, b in [(S, P), (A, Q), (S, S), (D, C), (C, Q), (D, F)])
     # A failed job can only be queued again or cancelled.
@@ -76,6 +79,8 @@ def test_an_illegal_move_says_what_the_job_is() -> None:
         check_move("j1", S, P)
     with pytest.raises(IllegalTransition, match="failed: it can only be queued again"):
         check_move("j1", F, S)
+    with pytest.raises(IllegalTransition, match="j1 was sent whole and awaits the partner's"):
+        check_move("j1", A, C)
 
 
 def test_backoff_grows_to_its_cap_and_jitter_stays_within_half_a_step() -> None:
@@ -266,6 +271,25 @@ async def test_cancel_pause_resume_and_retry(
     assert await store.replace(current, dataclasses.replace(current, state=D)) is not None
     with pytest.raises(Conflict, match="was delivered: it can no longer be cancelled"):
         await service.cancel("north", other.id)
+
+
+async def test_a_transfer_awaiting_its_receipt_cannot_be_cancelled(
+    service: TransferService, store: SQLiteTransferJobs
+) -> None:
+    """Its bundle was sent whole: the partner may store it already, so "cancelled" would lie.
+    It may still be paused, and fails or is delivered as its receipt says."""
+    job = await service.create("north", study=generate_uid(), partner="e", partner_trust="e")
+    sent = progressed(progressed(job, 1.0, state=S), 2.0, state=A)
+    assert await store.replace(job, sent) is not None
+    with pytest.raises(
+        Conflict,
+        match=f"transfer {job.id} was sent whole and awaits the partner's receipt: the "
+        "partner may have stored it already, so it can no longer be cancelled",
+    ):
+        await service.cancel("north", job.id)
+    current = await service.get("north", job.id)
+    assert current.state is A and not current.paused
+    assert (await service.pause("north", job.id)).paused
 
 
 async def test_a_waiting_transfer_retried_runs_now(

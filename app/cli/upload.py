@@ -28,14 +28,19 @@ import fcntl
 import json
 import logging
 import os
-import ssl
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
+from app.cli.connection import (
+    UsageError,
+    add_connection_arguments,
+    bearer_token,
+    server_url,
+    tls_verify,
+)
 from app.durable import write_atomically
 from app.transfer.sources import SourceError, TarSource, UploadSource, open_source, payload_sha256
 from app.transfer.tus_client import (
@@ -56,10 +61,6 @@ STATE_MAX_AGE = 7 * 24 * 3600.0
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 #: One chunk is held in memory (its checksum precedes it), so its size is bounded.
 MAX_CHUNK_SIZE = 1024**3
-
-
-class UsageError(Exception):
-    """The command cannot run as given; the message says what to fix."""
 
 
 # -- the state file ---------------------------------------------------------------------------
@@ -236,34 +237,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _server(text: str) -> str:
-    try:
-        parts = urlsplit(text)
-        # ``port`` parses the port, raising when it is not one.
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:
-        valid = False
-    if not valid:
-        raise UsageError(f"--server {text!r} is not an http:// or https:// URL")
-    return text.rstrip("/")
-
-
-def _verify(ca_cert: Path | None) -> bool | ssl.SSLContext:
-    if ca_cert is None:
-        return True
-    try:
-        return ssl.create_default_context(cafile=str(ca_cert))
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"--ca-cert {ca_cert}: {exc}") from None
-
-
-def _token(given: str | None) -> str:
-    token = given or os.environ.get("IEX_TOKEN", "")
-    if not token.strip():
-        raise UsageError("no token: pass --token or set IEX_TOKEN")
-    return token.strip()
-
-
 async def _resume_or_create(
     client: TusClient,
     state: UploadStateFile,
@@ -299,9 +272,9 @@ async def _resume_or_create(
 
 
 async def _run(args: argparse.Namespace) -> int:
-    server = _server(args.server)
-    token = _token(args.token)
-    verify = _verify(args.ca_cert)
+    server = server_url(args.server)
+    token = bearer_token(args.token)
+    verify = tls_verify(args.ca_cert)
     try:
         source = await asyncio.to_thread(open_source, args.path)
     except SourceError as exc:
@@ -387,15 +360,7 @@ def register(commands: Any) -> None:
         description="Send PATH as a resumable upload; rerun the same command to resume.",
     )
     upload.add_argument("path", type=Path, help="a folder, a .zip, a .tar or a single file")
-    upload.add_argument(
-        "--server", required=True, metavar="URL", help="the gateway, e.g. https://gw.example:8080"
-    )
-    upload.add_argument(
-        "--token",
-        metavar="T",
-        help="bearer token with the uploader role (default: IEX_TOKEN, which is better: "
-        "other users can see command lines)",
-    )
+    add_connection_arguments(upload, "the uploader role")
     upload.add_argument(
         "--trust", metavar="NAME", help="the trust to store into (must be the token's)"
     )
@@ -414,8 +379,5 @@ def register(commands: Any) -> None:
     )
     upload.add_argument(
         "--no-wait", action="store_true", help="end once sent; do not wait for the ingest report"
-    )
-    upload.add_argument(
-        "--ca-cert", metavar="PEM", type=Path, help="the CA that signed the gateway's certificate"
     )
     upload.set_defaults(func=_command)

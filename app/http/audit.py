@@ -16,7 +16,8 @@ What the exchange was comes from the matched route: POST stores, ``…/metadata`
 metadata, the search resources (``/studies``, ``/series``, ``/instances``) query and other
 DICOMweb GETs retrieve. Resumable uploads (``/transfers/uploads``) record their POSTs and
 PATCHes as uploads and DELETEs as deletions; HEAD and OPTIONS only describe an upload.
-A route may name its own kind in ``request.state.audit_kind``.
+A route may name its own kind in ``request.state.audit_kind``, what came of it in
+``audit_reason`` and the push it acted on in ``audit_transfer`` (``/transfers`` does).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.dicom.uids import InstanceRef
 from app.errors import AuditUnavailable
-from app.services.audit import AccessFacts, AuditTrail
+from app.services.audit import AccessFacts, AuditTrail, TransferSubject
 from app.services.security import Principal
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ SECURITY_STATUSES = frozenset({401, 403, 429})
 
 _UPLOAD_KINDS = {"POST": "upload", "PATCH": "upload", "DELETE": "delete"}
 
-#: Where patient data lives, and the methods that change it.
+#: Where patient data lives (``/transfers`` itself too: a push sends a study away), and the
+#: methods that change it.
 _PATIENT_DATA = ("/dicomweb/", "/transfers/")
+_PATIENT_DATA_EXACT = frozenset({"/transfers"})
 _CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _REFUSED_CHANGE = (
     "the audit trail cannot be written ({why}): patient data is not changed until it can; "
@@ -52,7 +55,8 @@ _REFUSED_CHANGE = (
 
 
 def _patient_data(scope: Scope) -> bool:
-    return str(scope.get("path", "")).startswith(_PATIENT_DATA)
+    path = str(scope.get("path", ""))
+    return path.startswith(_PATIENT_DATA) or path in _PATIENT_DATA_EXACT
 
 
 def _changes_patient_data(scope: Scope) -> bool:
@@ -201,6 +205,7 @@ def _facts(
     reason = state.get("audit_reason")
     if status == 429:
         reason = "rate limited"
+    transfer = state.get("audit_transfer")
     return AccessFacts(
         at=at,
         method=method,
@@ -215,6 +220,7 @@ def _facts(
         bytes_received=received,
         bytes_sent=sent,
         reason=reason if isinstance(reason, str) else None,
+        transfer=transfer if isinstance(transfer, TransferSubject) else None,
     )
 
 

@@ -13,6 +13,7 @@ from app.routers import (
     pulls,
     qido,
     stow,
+    transfers,
     upload_reports,
     uploads,
     wado,
@@ -26,6 +27,8 @@ for module in (
     qido,
     uploads,
     upload_reports,
+    # The tus routes come before the transfers' ones, which share their prefix.
+    transfers,
     exchange,
     admin,
     pulls,

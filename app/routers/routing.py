@@ -29,16 +29,34 @@ class ResourceRoute(APIRoute):
 
 
 def allowed(document: dict[str, object], path: str) -> list[str]:
-    """The methods an OpenAPI document gives the paths that ``path`` is an instance of."""
+    """The methods an OpenAPI document gives the resource ``path`` names.
+
+    Of the path templates ``path`` is an instance of, the most specific name the resource:
+    a literal segment beats a parameter at the first place they differ, as routers match.
+    ``/transfers/uploads`` is the tus endpoint, not a transfer of id ``uploads``.
+    """
     paths = document.get("paths")
+    matching = [
+        (template, operations)
+        for template, operations in (paths.items() if isinstance(paths, dict) else ())
+        if isinstance(operations, dict) and _template(template).fullmatch(path)
+    ]
+    if not matching:
+        return []
+    best = min(_specificity(template) for template, _ in matching)
     methods = {
         method.upper()
-        for template, operations in (paths.items() if isinstance(paths, dict) else ())
-        if _template(template).fullmatch(path)
+        for template, operations in matching
+        if _specificity(template) == best
         for method in operations
         if method in _METHODS
     }
     return sorted(methods)
+
+
+def _specificity(template: str) -> tuple[int, ...]:
+    """Per segment 0 for a literal, 1 for a parameter: the smaller, the more specific."""
+    return tuple(1 if "{" in segment else 0 for segment in template.split("/"))
 
 
 @lru_cache(maxsize=256)

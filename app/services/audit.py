@@ -13,7 +13,9 @@ RFC 3881 / DICOM XML for an IHE ATNA repository:
 * ``ParticipantObjectIdentification``: studies (ID type 110180 Study Instance UID) with
   their series in ``ParticipantObjectDetail`` and instances in
   ``ParticipantObjectDescription.SOPClass.Instance`` (A.5.2.5); for a query, the query SOP
-  class with ``ParticipantObjectQuery`` (A.5.3.12).
+  class with ``ParticipantObjectQuery`` (A.5.3.12); for a push to a partner gateway, the
+  partner's trust (role Data Destination, ``partner:<name>/<trust>``) and the transfer
+  (role Job, ``transfer:<id>``) beside the study.
 
 An ``iex`` element adds what the schema has no place for: route, HTTP status, bytes.
 Records hold identifiers only: never patient names; query values of attributes outside an
@@ -76,6 +78,7 @@ def _code(code: str, meaning: str) -> dict[str, str]:
 
 # PS3.16 CID 400 (Audit Event ID) and CID 401 (Audit Event Type Code).
 APPLICATION_ACTIVITY = _code("110100", "Application Activity")
+BEGIN_TRANSFERRING = _code("110102", "Begin Transferring DICOM Instances")
 AUDIT_LOG_USED = _code("110101", "Audit Log Used")
 INSTANCES_ACCESSED = _code("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = _code("110104", "DICOM Instances Transferred")
@@ -106,6 +109,16 @@ _QUERY_KEPT = frozenset(
 
 
 @dataclass(frozen=True)
+class TransferSubject:
+    """The push an exchange acted on: its transfer id (``None`` when it was refused before
+    one was made), the partner gateway and the trust there it goes to."""
+
+    partner: str
+    partner_trust: str
+    transfer: str | None = None
+
+
+@dataclass(frozen=True)
 class AccessFacts:
     """What one HTTP exchange did, as the HTTP layer observed it; no framework types."""
 
@@ -117,17 +130,21 @@ class AccessFacts:
     actor: str | None
     trust: str | None
     kind: str  # "store", "upload", "retrieve", "metadata", "query", "export", "delete", "audit",
-    # or "other"
+    # "push" (a transfer to a partner asked for), "push-change" (one cancelled, paused,
+    # resumed or retried), or "other"
     objects: Sequence[InstanceRef] = ()
     query: Sequence[tuple[str, str]] = ()
     bytes_received: int = 0
     #: The length of the response body, as declared when the record is made (before any of
     #: it is sent); ``None`` for a body streamed without a declared length.
     bytes_sent: int | None = 0
+    #: What came of it in words (``EventOutcomeDescription``): why it was refused, or for a
+    #: push what was done.
     reason: str | None = None
     #: What happened, in words, for an event its route and status do not tell (a partner's
     #: bundle stored or refused, and from whom): identifiers only, never patient data.
     description: str | None = None
+    transfer: TransferSubject | None = None
 
 
 _ACTIONS = {
@@ -140,12 +157,16 @@ _ACTIONS = {
     "export": (EXPORT, "R"),
     "delete": (INSTANCES_ACCESSED, "D"),
     "audit": (AUDIT_LOG_USED, "R"),
+    # A transfer to a partner gateway: asked for (execute), then changed (update).
+    "push": (BEGIN_TRANSFERRING, "E"),
+    "push-change": (BEGIN_TRANSFERRING, "U"),
 }
 
 
-def _outcome(status: int) -> str:
-    """EventOutcomeIndicator (PS3.15 A.5.2.1): a partial store (202) is a minor failure."""
-    if status < 300 and status != 202:
+def _outcome(status: int, kind: str) -> str:
+    """EventOutcomeIndicator (PS3.15 A.5.2.1): a partial store (202 to STOW-RS) is a minor
+    failure; a push accepted (202 to ``POST /transfers``) is a success."""
+    if status < 300 and not (status == 202 and kind == "store"):
         return "0"
     return "4" if status < 500 else "8"
 
@@ -196,11 +217,32 @@ def study_objects(objects: Sequence[InstanceRef]) -> list[dict[str, Any]]:
     return out
 
 
+def transfer_objects(subject: TransferSubject) -> list[dict[str, Any]]:
+    """The partner's trust a push goes to (type 2 system object, role 16 Data Destination)
+    and, once there is one, the transfer (role 20 Job), as RFC 3881 names the roles."""
+    out: list[dict[str, Any]] = [
+        {
+            "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "16",
+            "ParticipantObjectID": f"partner:{subject.partner}/{subject.partner_trust}",
+        }
+    ]
+    if subject.transfer is not None:
+        out.append(
+            {
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "20",
+                "ParticipantObjectID": f"transfer:{subject.transfer}",
+            }
+        )
+    return out
+
+
 def build_record(facts: AccessFacts, source: str) -> AuditAppend:
     """The PS3.15 A.5 record of one exchange seen by the gateway named ``source``. 401 is a
     failed User Authentication (A.5.3.x, type Login), 403 a Security Alert (Use of
     Restricted Function); anything else is the event of the transaction attempted, its
-    outcome taken from the status."""
+    outcome taken from the status. ``reason``, when given, describes the outcome."""
     if facts.status == 401:
         event, action, types = USER_AUTHENTICATION, "E", [LOGIN]
     elif facts.status == 403:
@@ -212,13 +254,13 @@ def build_record(facts: AccessFacts, source: str) -> AuditAppend:
         "EventID": event,
         "EventActionCode": action,
         "EventDateTime": event_time(facts.at),
-        "EventOutcomeIndicator": _outcome(facts.status),
+        "EventOutcomeIndicator": _outcome(facts.status, facts.kind),
     }
     if types:
         identification["EventTypeCode"] = types
     if facts.description:
         identification["EventOutcomeDescription"] = facts.description
-    elif facts.reason and facts.status in (401, 403, 429):
+    elif facts.reason:
         identification["EventOutcomeDescription"] = facts.reason
     requestor: dict[str, Any] = {
         "UserID": facts.actor or "unknown",
@@ -236,6 +278,8 @@ def build_record(facts: AccessFacts, source: str) -> AuditAppend:
         "RoleIDCode": [SOURCE_ROLE if action == "R" else DESTINATION_ROLE],
     }
     objects = study_objects(facts.objects)
+    if facts.transfer is not None:
+        objects += transfer_objects(facts.transfer)
     if facts.kind == "query" and facts.query is not None:
         objects.append(
             {

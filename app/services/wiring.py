@@ -31,6 +31,7 @@ from app.services.partner_search import PartnerSearch
 from app.services.pull_answers import PullAnswers
 from app.services.pulls import PullService
 from app.services.push import PartnerDelivery, PushPolicy
+from app.services.pushes import PushService
 from app.services.qido import QidoService
 from app.services.security import (
     ADMIN_TOKEN_FILE,
@@ -81,6 +82,7 @@ class Services:
     pulls: PullService
     pull_answers: PullAnswers
     partner_search: PartnerSearch
+    pushes: PushService
 
 
 @asynccontextmanager
@@ -181,6 +183,7 @@ async def _build(
         pulls=pulls[0],
         pull_answers=pulls[1],
         partner_search=pulls[2],
+        pushes=PushService(transfers, index, ExchangeDirectory(security.store)),
     )
 
 

@@ -7,11 +7,13 @@ move through these states::
     queued ─► packaging ─► sending ─► awaiting-receipt ─► delivered
       │           │           │               │
       └───────────┴───────────┴───────────────┴─► failed ─(retry)─► queued
-      └───────────┴───────────┴───────────────┴─► cancelled        (failed ─► cancelled too)
+      └───────────┴───────────┴─► cancelled                (failed ─► cancelled too)
 
 A job only moves forward along the first line (a delivery without packaging may go straight
 from ``queued`` to ``sending``); ``delivered`` and ``cancelled`` are final, ``failed`` is
-final until someone asks for a retry. The state of an in-flight job is the step it is at;
+final until someone asks for a retry. A job ``awaiting-receipt`` cannot be cancelled
+(``cancelled``): its bundle was sent whole, and the partner may hold it already. The state
+of an in-flight job is the step it is at;
 how far that step got (an upload's URL and offset, say) is the job's ``checkpoint``, a JSON
 object that only the steps read and write. A transient failure keeps the job at its step,
 with the reason in ``last_error`` and the time of the next attempt in ``next_attempt_at``.
@@ -102,6 +104,8 @@ def can_move(current: JobState, target: JobState) -> bool:
         return target in (JobState.QUEUED, JobState.CANCELLED)
     if current.final:
         return False
+    if current is JobState.AWAITING_RECEIPT and target is JobState.CANCELLED:
+        return False  # sent whole: the partner may hold it already
     if target in (JobState.FAILED, JobState.CANCELLED):
         return True
     return target in _PIPELINE and _PIPELINE.index(target) > _PIPELINE.index(current)
@@ -119,6 +123,11 @@ def check_move(job_id: str, current: JobState, target: JobState) -> None:
         raise IllegalTransition(
             f"transfer {job_id} failed: it can only be queued again (retry) or cancelled, "
             f"not become {target.value}"
+        )
+    if current is JobState.AWAITING_RECEIPT and target is JobState.CANCELLED:
+        raise IllegalTransition(
+            f"transfer {job_id} was sent whole and awaits the partner's receipt: the partner "
+            "may have stored it already, so it can no longer be cancelled"
         )
     raise IllegalTransition(
         f"transfer {job_id} is {current.value}: it can move on, fail or be cancelled, "
@@ -257,7 +266,9 @@ def moved(job: TransferJob, target: JobState, now: float, **changes: Any) -> Tra
 
 
 def cancelled(job: TransferJob, now: float) -> TransferJob:
-    """Cancelling a cancelled job changes nothing; a delivered one cannot be cancelled."""
+    """Cancelling a cancelled job changes nothing; a delivered one cannot be cancelled, nor
+    one awaiting its receipt (``can_move``): its bundle was sent whole, the partner may have
+    stored it already, and a transfer shown as cancelled must not be one the partner holds."""
     if job.state is JobState.CANCELLED:
         return job
     if job.state is JobState.DELIVERED:
