@@ -2,9 +2,11 @@
 
 Each is a DICOM Instances Transferred event (PS3.15 A.5.3.2, action ``R``: the instances
 were read to be sent) in which this gateway is the source and the partner gateway the
-destination, with the study, its series and instances as participant objects, and
-``EventOutcomeDescription`` saying what happened to which transfer. The request that
-created the transfer has a record of its own, made when it was answered.
+destination, with the study, its series and instances, the partner's trust (Data
+Destination) and the transfer (Job) as participant objects, as the record of the request
+that created it names them, and ``EventOutcomeDescription`` saying what happened to which
+transfer. The request that created the transfer has a record of its own, made when it was
+answered.
 
 A push runs in the background, so nobody waits for an answer that its record could hold
 back; ``record_transfer`` waits for the trail instead, while it cannot be written (the
@@ -27,8 +29,10 @@ from app.services.audit import (
     INSTANCES_TRANSFERRED,
     SOURCE_ROLE,
     AuditTrail,
+    TransferSubject,
     event_time,
     study_objects,
+    transfer_objects,
 )
 from app.storage.security import AuditAppend
 from app.transfer.jobs import TransferJob
@@ -92,7 +96,10 @@ def transfer_record(
             partner,
         ],
         "AuditSourceIdentification": {"AuditSourceID": source, "AuditSourceTypeCode": "4"},
-        "ParticipantObjectIdentification": study_objects(objects or [InstanceRef(job.study)]),
+        "ParticipantObjectIdentification": [
+            *study_objects(objects or [InstanceRef(job.study)]),
+            *transfer_objects(TransferSubject(job.partner, job.partner_trust, job.id)),
+        ],
         "iex": {
             "route": "PUSH /transfers/{transfer_id}",
             "transfer": job.id,
