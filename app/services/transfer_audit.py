@@ -101,7 +101,8 @@ def transfer_record(
             *transfer_objects(TransferSubject(job.partner, job.partner_trust, job.id)),
         ],
         "iex": {
-            "route": "PUSH /transfers/{transfer_id}",
+            # Not an HTTP route: the push this gateway makes, and to whom.
+            "route": f"PUSH partner:{job.partner}/{job.partner_trust}",
             "transfer": job.id,
             "trust": job.trust,
             "partner": job.partner,
