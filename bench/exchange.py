@@ -54,7 +54,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,7 +100,7 @@ class Sizes:
     raw_link_s: float = 2.0
 
 
-SMOKE = Sizes(study_mib=8, studies=3, study_mb=1.0, slow_mib=2, raw_link_s=0.3)
+SMOKE = Sizes(study_mib=8, studies=2, study_mb=1.0, slow_mib=4, raw_link_s=0.3)
 
 
 @dataclass(frozen=True)
@@ -367,9 +367,14 @@ def run_iex(
     figures = IexFigures()
     memory: list[PeakRss] = []
     try:
+        started = time.perf_counter()
         start(sender, receiver)
         pair(sender, receiver, work)
-        print(f"gateways {sender.name} and {receiver.name} paired", flush=True)
+        took = time.perf_counter() - started
+        print(
+            f"gateways {sender.name} and {receiver.name} started and paired in {took:.1f} s",
+            flush=True,
+        )
         mem_s, mem_r = PeakRss(sender.pid), PeakRss(receiver.pid)
         memory += [mem_s, mem_r]
 
@@ -422,7 +427,7 @@ def run_iex(
             slow_figures = None
             if slow is not None:
                 slow_figures = run_slow_link(client, sender, receiver, slow, sizes, work)
-                phase("push over the slow link")
+                phase("upload, then push over the slow link")
         figures.hwm_since_start = mem_s.hwm_since_start or mem_r.hwm_since_start
         return figures, slow_figures
     except Exception:
@@ -735,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         "link_mbit": args.link_mbit,
         "delay_ms": args.delay_ms,
     }
-    sizes = Sizes(**{**sizes.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     if not 1 <= sizes.studies <= 900:
         parser.error("--studies: 1 to 900 (they are followed in one listing of 1000)")
 
