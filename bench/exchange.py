@@ -65,7 +65,7 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset import STOW_CONTENT_TYPE, Reidentifier, load_templates, multipart  # noqa: E402
-from gateways import TRUST, Gateway, PeakRss, introduce, pair, start  # noqa: E402
+from gateways import TRUST, Gateway, Peak, PeakRss, introduce, pair, start  # noqa: E402
 from limits import TrivialHttpServer, raw_upload_mb_s  # noqa: E402
 from peers import Peer, ensure_orthanc, free_port, start_orthanc  # noqa: E402
 from slowlink import BIN, SlowLink, busy_rate  # noqa: E402
@@ -315,10 +315,10 @@ def upload_into(gateway: Gateway, study: Study) -> tuple[float, float]:
 
 @dataclass
 class Phase:
-    """A phase's peak RSS (KiB) at the sender and at the receiver."""
+    """A phase's peak RSS at the sender and at the receiver."""
 
-    sender_kb: int
-    receiver_kb: int | None
+    sender: Peak
+    receiver: Peak | None
 
 
 @dataclass
@@ -379,7 +379,7 @@ def run_iex(
         memory += [mem_s, mem_r]
 
         def phase(name: str, receiver_too: bool = True) -> None:
-            figures.phases[name] = Phase(mem_s.peak_kb(), mem_r.peak_kb() if receiver_too else None)
+            figures.phases[name] = Phase(mem_s.peak(), mem_r.peak() if receiver_too else None)
             mem_s.reset()
             mem_r.reset()
 
@@ -483,7 +483,7 @@ class OrthancFigures:
     load_s: float = 0.0
     push_s: float = 0.0
     many_s: float = 0.0
-    peak_kb: dict[str, int] = field(default_factory=dict)
+    peaks: dict[str, Peak] = field(default_factory=dict)
 
 
 def orthanc_study_id(peer: Peer, study_uid: str) -> str:
@@ -585,7 +585,7 @@ def run_orthanc(work: Path, plugin: Path, big: Study, many: Sequence[Study]) -> 
         if orthanc_instances(receiver) != expected:
             raise Failed(f"Orthanc's peer holds {orthanc_instances(receiver)} of {expected}")
         print(f"orthanc sent {len(many)} studies: {len(many) / figures.many_s:.1f}/s", flush=True)
-        figures.peak_kb = {"sender": memory[0].peak_kb(), "receiver": memory[1].peak_kb()}
+        figures.peaks = {"sender": memory[0].peak(), "receiver": memory[1].peak()}
         return figures
     except Exception:
         for peer in peers:
@@ -605,6 +605,10 @@ def _mb_s(size: int, seconds: float) -> float:
     return size / MB / seconds
 
 
+def _peak_text(peak: Peak) -> str:
+    return f"{peak.kb / 1024:.0f} ({peak.sampled_kb / 1024:.0f}: {peak.sampled_file_kb / 1024:.0f})"
+
+
 def _steps_text(steps: dict[str, float]) -> str:
     return ", ".join(f"{state} {seconds:.1f} s" for state, seconds in steps.items())
 
@@ -622,8 +626,8 @@ def report(
     many_size = sum(study.size for study in many)
     push = _mb_s(big.size, iex.push_s)
     upload_ingest = _mb_s(big.size, iex.upload_ingest_s)
-    peak_sender = max(p.sender_kb for p in iex.phases.values())
-    peak_receiver = max(p.receiver_kb or 0 for p in iex.phases.values())
+    peak_sender = max(p.sender.kb for p in iex.phases.values())
+    peak_receiver = max(p.receiver.kb for p in iex.phases.values() if p.receiver)
     targets: list[tuple[str, float, str, bool]] = []
     print()
     print(f"ratio push/upload+ingest = {push / upload_ingest:.2f}")
@@ -700,14 +704,17 @@ def report(
             f"({slow.push_s:.1f} s: {_steps_text(slow.steps)})"
         )
     since = " (high-water marks since each process started)" if iex.hwm_since_start else ""
-    print(f"peak RSS, MB, sampled every 50 ms and VmHWM{since}; budget {budget_mb} MB:")
+    print(
+        f"peak RSS, MB, the larger of the samples (every 50 ms) and VmHWM{since}; in brackets "
+        f"the sampled peak and the file pages mapped in it; budget {budget_mb} MB:"
+    )
     for name, phase in iex.phases.items():
-        receiver = f", gw-b {phase.receiver_kb / 1024:.0f}" if phase.receiver_kb else ""
-        print(f"  {name}: gw-a {phase.sender_kb / 1024:.0f}{receiver}")
+        receiver = f", gw-b {_peak_text(phase.receiver)}" if phase.receiver else ""
+        print(f"  {name}: gw-a {_peak_text(phase.sender)}{receiver}")
     if orthanc is not None:
         print(
-            f"  orthanc (no budget), both pushes: sender {orthanc.peak_kb['sender'] / 1024:.0f}, "
-            f"receiver {orthanc.peak_kb['receiver'] / 1024:.0f}"
+            f"  orthanc (no budget), both pushes: sender {_peak_text(orthanc.peaks['sender'])}, "
+            f"receiver {_peak_text(orthanc.peaks['receiver'])}"
         )
     within = max(peak_sender, peak_receiver) / 1024 < budget_mb
     if not within:

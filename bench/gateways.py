@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from peers import ROOT, free_port, wait_until_up
-from stow_memory import RssSampler, _status_kb
+from stow_memory import SAMPLE_SECONDS
 
 #: The trust that each gateway's admin token acts for: the one its first start makes.
 TRUST = "local"
@@ -152,7 +154,29 @@ def pair(sender: Gateway, receiver: Gateway, folder: Path) -> None:
     )
 
 
-class PeakRss:
+def _status(pid: int) -> dict[str, int]:
+    """The ``kB`` fields of ``/proc/PID/status`` (VmRSS, VmHWM, RssFile, ...)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if value.strip().endswith(" kB"):
+                fields[name] = int(value.split()[0])
+    return fields
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A phase's peak resident set, KiB: the larger of the sampled peak and the kernel's
+    high-water mark; and, at the sampled peak, how much of it was file pages mapped (page
+    cache, which the kernel can take back) rather than the process's own memory."""
+
+    kb: int
+    sampled_kb: int
+    sampled_file_kb: int
+
+
+class PeakRss(threading.Thread):
     """A process's peak resident set phase by phase: sampled every 50 ms, and the kernel's
     high-water mark (VmHWM). ``reset`` starts a phase: the sampled peak and, through
     ``/proc/PID/clear_refs`` (Linux 4.0 and later), the high-water mark come down to the
@@ -160,10 +184,23 @@ class PeakRss:
     the process's whole life, and ``hwm_since_start`` says so."""
 
     def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
         self.pid = pid
-        self.sampler = RssSampler(pid)
-        self.sampler.start()
         self.hwm_since_start = False
+        self._sampled = (0, 0)  # VmRSS and RssFile at the largest VmRSS seen
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._stopped.wait(SAMPLE_SECONDS):
+            try:
+                status = _status(self.pid)
+            except OSError:
+                return  # the process is gone
+            with self._lock:
+                if status["VmRSS"] > self._sampled[0]:
+                    self._sampled = (status["VmRSS"], status.get("RssFile", 0))
 
     def reset(self) -> None:
         try:
@@ -171,12 +208,17 @@ class PeakRss:
                 f.write("5")
         except OSError:
             self.hwm_since_start = True
-        self.sampler.peak_kb = _status_kb(self.pid, "VmRSS")
+        status = _status(self.pid)
+        with self._lock:
+            self._sampled = (status["VmRSS"], status.get("RssFile", 0))
 
-    def peak_kb(self) -> int:
-        """The peak since the last ``reset``: the larger of the sampled one and VmHWM."""
-        return max(self.sampler.peak_kb, _status_kb(self.pid, "VmHWM"))
+    def peak(self) -> Peak:
+        """The peak since the last ``reset``."""
+        hwm = _status(self.pid)["VmHWM"]
+        with self._lock:
+            rss, file = self._sampled
+        return Peak(max(rss, hwm), rss, file)
 
     def stop(self) -> None:
-        self.sampler.stopped.set()
-        self.sampler.join()
+        self._stopped.set()
+        self.join()
