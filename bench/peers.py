@@ -8,7 +8,8 @@ directory: the servers ``bench/compare.py`` compares, and the real peers of the 
   the system service kept from starting), run as our own process with a JSON configuration
   in the temporary directory: authentication, HTTP compression, storage compression and the
   DICOM server off, remote access refused, storage and index in the temporary directory;
-  optionally with remote DICOMweb servers to act as a client of.
+  optionally with remote DICOMweb servers to act as a client of, and other Orthancs as its
+  peers (``OrthancPeers``: ``POST /peers/{name}/store`` sends them studies).
 
 Standard library and httpx only, and no imports of its neighbours: the benchmarks import it
 as ``peers`` (with ``bench/`` on the path), the tests as ``bench.peers`` (with the
@@ -171,15 +172,23 @@ def orthanc_config(
     *,
     name: str = "iex-bench",
     servers: dict[str, dict[str, object]] | None = None,
+    orthanc_peers: dict[str, str] | None = None,
 ) -> dict[str, object]:
     """Orthanc's configuration: loopback only, nothing that the iex run does not do either.
 
     ``servers`` become the plugin's ``DicomWeb.Servers``: the remote DICOMweb servers this
     Orthanc can store to, search and retrieve from (``/dicom-web/servers/{name}/...``).
+    ``orthanc_peers`` (name to root URL) become its ``OrthancPeers``.
     """
     dicomweb: dict[str, object] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
     if servers:
         dicomweb["Servers"] = servers
+    extra: dict[str, object] = {}
+    if orthanc_peers:
+        extra["OrthancPeers"] = {peer: {"Url": url + "/"} for peer, url in orthanc_peers.items()}
+        # Finished jobs are forgotten beyond this many (10 by default): a caller that queues
+        # a store to a peer per study must still find each one's outcome.
+        extra["JobsHistorySize"] = 10_000
     return {
         "Name": name,
         "HttpPort": port,
@@ -192,6 +201,7 @@ def orthanc_config(
         "IndexDirectory": str(work / "orthanc-index"),
         "Plugins": [str(plugin)],
         "DicomWeb": dicomweb,
+        **extra,
     }
 
 
@@ -201,14 +211,19 @@ def start_orthanc(
     *,
     name: str = "iex-bench",
     servers: dict[str, dict[str, object]] | None = None,
+    orthanc_peers: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Peer:
-    """Orthanc (the binary, not the system service) on a free loopback port, its files in
-    ``work``; ``servers`` as in ``orthanc_config``."""
-    port = free_port()
+    """Orthanc (the binary, not the system service) on a loopback port (``port``, else a free
+    one: two Orthancs that are each other's peers need their ports known before either
+    starts), its files in ``work``; ``servers`` and ``orthanc_peers`` as in
+    ``orthanc_config``."""
+    port = port or free_port()
     config = work / "orthanc.json"
-    config.write_text(
-        json.dumps(orthanc_config(work, port, plugin, name=name, servers=servers), indent=2)
+    settings = orthanc_config(
+        work, port, plugin, name=name, servers=servers, orthanc_peers=orthanc_peers
     )
+    config.write_text(json.dumps(settings, indent=2))
     log_path = work / "orthanc.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

@@ -22,6 +22,7 @@ FULL = [
     ["audit_latency.py"],
     ["throughput.py"],
     ["filesystems.py"],
+    ["exchange.py"],
 ]
 SMOKE = [
     ["crypto.py", "--size-mb", "8", "--runs", "1"],
