@@ -258,6 +258,10 @@ def test_a_transfer_id_is_one_bundle(p: Pairing) -> None:
     first = build(p.sender, "rad-a", p.identity, "rad-b", study_instances(1))
     assert pushed(p.receiver, p.token, first)["state"] == "complete"
     receipt = receipt_response(p.receiver, p.token, first.transfer).content
+    headers = {"Authorization": f"Bearer {p.token}"}
+    with httpx.Client(base_url=p.receiver.url, headers=headers, timeout=60) as c:
+        held = c.get(f"/exchange/receipts/{first.transfer}", params={"wait": "30"})
+    assert held.status_code == 200 and held.content == receipt  # there already: no hold
     # Another bundle (another manifest) under the same id: refused, the first one's receipt
     # stays.
     second = build(
@@ -285,6 +289,12 @@ def test_receipts_route_refuses_what_is_not_a_transfer_id(p: Pairing) -> None:
             r = c.get(f"/exchange/receipts/{missing}")
             assert r.status_code == 404, r.text
             assert r.json()["detail"].startswith("no transfer")
+        # Held answers: a missing one is still 404 once the time is up; the bound is 30 s.
+        r = c.get(f"/exchange/receipts/{new_job_id()}", params={"wait": "1"})
+        assert r.status_code == 404, r.text
+        for bad_wait in ("31", "-1", "soon"):
+            r = c.get(f"/exchange/receipts/{new_job_id()}", params={"wait": bad_wait})
+            assert r.status_code == 400, (bad_wait, r.text)
         # A slash, encoded or not, is never part of the parameter.
         for path in ("/exchange/receipts/a%2Fb", "/exchange/receipts/a/b"):
             r = c.get(path)

@@ -10,9 +10,11 @@ changes once given.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import JSONResponse
 
 from app.deps import ServicesDep, Uploader
@@ -25,7 +27,10 @@ router = APIRouter(
 )
 
 #: Seconds a sender is asked to wait before asking again for a receipt still to come.
-RETRY_AFTER = 5
+RETRY_AFTER = 1
+#: The longest a request may ask to be held for its receipt (``?wait=``): under common
+#: proxies' idle timeouts.
+MAX_WAIT = 30
 
 _RECEIPT_EXAMPLE = {
     "receipt": (
@@ -49,7 +54,9 @@ _RECEIPT_EXAMPLE = {
         "it (docs/EXCHANGE.md, Receipts). While the bundle is being verified or stored the "
         "answer is 202 with `Retry-After`; ask again then. A bundle refused before it was "
         "identified (framing, an unknown key, a bad signature, misaddressed) has no receipt: "
-        "its upload's report says why."
+        "its upload's report says why. With `wait=N` the answer is held up to N seconds "
+        "(at most 30) until the receipt is there, so that a sender learns of it at once "
+        "without asking again and again; a 202 or 404 then comes only once that time is up."
     ),
     response_class=Response,
     responses={
@@ -76,13 +83,36 @@ async def exchange_receipt(
     ],
     services: ServicesDep,
     principal: Uploader,
+    wait: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=MAX_WAIT,
+            description="Seconds to hold the answer until the receipt is there (0-30)",
+        ),
+    ] = 0,
 ) -> Response:
     if not is_valid_name(transfer):
         raise BadRequest(
             "a transfer id is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
             "or digit"
         )
-    job = await services.transfers.arrival(principal.trust, transfer)
+    # Held by polling the record: the bundle may be received by another process serving
+    # the same data directory (or, scaled out, another host), so no in-process signal
+    # would do. A read every quarter second at most is cheap beside a bundle's ingest.
+    deadline = time.monotonic() + wait
+    pause = 0.02
+    while True:
+        try:
+            job = await services.transfers.arrival(principal.trust, transfer)
+        except NotFound:
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            if job.receipt is not None or time.monotonic() >= deadline:
+                break
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.25)
     no_store = {"Cache-Control": "no-store"}
     if job.receipt is not None:
         return Response(job.receipt, media_type="application/json", headers=no_store)

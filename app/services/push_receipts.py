@@ -6,7 +6,10 @@ sender asks ``GET /exchange/receipts/<transfer>``:
 - ``200``: the receipt document, verified here against the partner's signing keys on record
   before anything is recorded: ``stored`` delivers the transfer, ``refused`` fails it with
   the partner's reason, and one that does not verify fails it naming the key or the field;
-- ``202``: still being verified or stored; asked again after its ``Retry-After``;
+- ``202``: still being verified or stored; asked again after its ``Retry-After``.
+
+Each ask has the partner hold its answer (``?wait=``) until the receipt is there, so the
+receipt comes back as soon as the partner stored the bundle, in one request;
 - ``404``: the partner holds no bundle of that transfer for our trust (yet): the final
   upload's report says why. ``verifying`` or ``ingesting``: asked again later. ``failed``
   (before the bundle was identified: framing, an unknown key, a bad signature, misaddressed):
@@ -61,9 +64,12 @@ class UploadFailed:
 @dataclass(frozen=True)
 class ReceiptPolicy:
     #: Seconds between asks when the partner gives no ``Retry-After``.
-    poll: float = 2.0
+    poll: float = 0.5
     #: The longest wait between two asks, whatever the partner says.
     max_wait: float = 30.0
+    #: Seconds each ask has the partner hold its answer until the receipt is there
+    #: (``?wait=``; a partner that does not know the parameter answers at once).
+    hold: int = 20
 
 
 async def await_receipt(
@@ -79,7 +85,9 @@ async def await_receipt(
     partner = job.partner
     complete = 0
     while True:
-        answer = await client.get(RECEIPTS_PATH + job.id, max_bytes=MAX_RECEIPT_SIZE)
+        answer = await client.get(
+            f"{RECEIPTS_PATH}{job.id}?wait={policy.hold}", max_bytes=MAX_RECEIPT_SIZE
+        )
         if answer.status == 200:
             return await _verified(directory, job, bundle, answer.body)
         if answer.status == 202:
