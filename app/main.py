@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app import __version__
+from app.allocator import tune_allocator
 from app.deps import declare_security
 from app.errors import IexError
 from app.http.audit import AuditMiddleware
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tune_allocator()  # in each process serving, before any payload crosses it
         async with build_services(settings, metrics=metrics) as services:
             app.state.services = services
             log.info("iex %s ready; data in %s", __version__, settings.data_dir)
