@@ -74,12 +74,3 @@ class JobProgress(Protocol):
 class Delivery(Protocol):
     async def run(self, job: TransferJob, progress: JobProgress) -> DeliveryOutcome: ...
 
-
-class ExchangeNotConfigured:
-    """The delivery until gateway-to-gateway exchange is configured: sends nothing, and
-    fails every job at once saying why."""
-
-    async def run(self, job: TransferJob, progress: JobProgress) -> DeliveryOutcome:
-        return PermanentFailure(
-            "exchange not configured: this gateway cannot send transfers to partners yet"
-        )
