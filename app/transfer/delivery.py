@@ -73,4 +73,3 @@ class JobProgress(Protocol):
 
 class Delivery(Protocol):
     async def run(self, job: TransferJob, progress: JobProgress) -> DeliveryOutcome: ...
-
