@@ -5,7 +5,7 @@ trusts ``rad-h`` and ``other-h``; the requester ``gw-r`` with trusts ``rad-r`` (
 from ``rad-h``), ``multi-r`` (may pull from both holder trusts at its end) and ``ward-r``
 (no agreement); and ``gw-x``, whose own agreement allows pulling from ``rad-h`` but whom
 the holder never agreed to. The transfers a pull queues are asserted on the holder's
-transfers database: their delivery is not part of this.
+transfers database, and their delivery to the requester's trust once.
 """
 
 from __future__ import annotations
@@ -156,6 +156,23 @@ def test_a_pull_queues_one_transfer_per_matching_study_of_the_agreed_trust(net: 
     assert "pull requested from trust rad-h at gw-h: 2 studies matched" in audit_descriptions(
         net.requester, "rad-r"
     )
+
+    # The holder pushes what matched back under the pull agreement: the pull shows each
+    # study delivered, and the requester's trust holds it, whole.
+    deadline = time.monotonic() + 180
+    while True:
+        shown = _get(net.requester, net.readers["rad-r"], f"/pulls/{pull['id']}").json()
+        states = {s["study"]: s["state"] for s in shown["studies"]}
+        if set(states.values()) == {"delivered"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert states == dict.fromkeys(matched, "delivered"), shown
+    for study in matched:
+        found = _get(net.requester, net.readers["rad-r"], "/dicomweb/studies",
+                     StudyInstanceUID=study)  # fmt: skip
+        assert found.status_code == 200, found.text
+        (dataset,) = found.json()
+        assert dataset["00201208"]["Value"] == [2]  # NumberOfStudyRelatedInstances
 
 
 @pytest.mark.parametrize(
