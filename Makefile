@@ -43,7 +43,7 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadgroup --durations=25
 
 # After changing the dependencies in pyproject.toml: resolve them again into uv.lock.
 lock: $(UV)

@@ -231,6 +231,17 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What the process holds open, for a failure's message."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return sorted(targets)
+
+
 def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -> None:
     srv = IexServer(small_fs).start()
     try:
@@ -243,6 +254,7 @@ def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -
             instance = f"/studies/{study}/series/{series}/instances/{sop}"
             assert c.get(instance).status_code == 200
             fds = _open_fds(srv.process.pid)
+            held_before = _fd_targets(srv.process.pid)
             records = len(_records(small_fs))
 
             refused_study = generate_uid()
@@ -276,7 +288,10 @@ def test_an_unwritable_trail_refuses_patient_data_and_recovers(small_fs: Path) -
             # Nothing of the refused responses is left open in the gateway.
             deadline = time.monotonic() + 30
             while _open_fds(srv.process.pid) > fds:
-                assert time.monotonic() < deadline, "refused responses left files open"
+                assert time.monotonic() < deadline, (
+                    "refused responses left files open",
+                    sorted(set(_fd_targets(srv.process.pid)) - set(held_before)),
+                )
                 time.sleep(0.05)
 
             _free(small_fs)
